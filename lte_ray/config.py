@@ -1,0 +1,237 @@
+"""One typed config drives a run: model, data, LTE, training. YAML + command-line overrides.
+
+Every invalid value becomes a `ConfigError` whose message is one line naming the field,
+e.g. ``lte.rank: must be >= 1 (got 0)``; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lte_ray.errors import UserError
+from lte_ray.models import MODEL_FAMILIES
+
+Method = Literal["lte", "full", "lora", "lora-merge"]
+
+
+class ConfigError(UserError):
+    """A user mistake in the configuration; the message is one line that names the field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, not extensions: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Architecture. `None` means "the preset's value"; image size, channels, classes and vocab
+    come from the data."""
+
+    name: str = "vit_tiny"
+    depth: int | None = Field(4, ge=1)
+    width: int | None = Field(96, ge=1)
+    attn_heads: int | None = Field(4, ge=1)
+    patch_size: int | None = Field(4, ge=1)  # ViT / Mixer only
+    mlp_ratio: float | None = Field(None, gt=0)
+    context: int = Field(64, ge=2)  # GPT only: tokens per training sequence
+    extra: dict[str, Any] = Field(default_factory=dict)  # further timm keyword overrides
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model {v!r} (choose from {', '.join(MODEL_FAMILIES)})")
+        return v
+
+
+class DataConfig(_Section):
+    name: Literal["digits", "npz", "folder", "text"] = "digits"
+    path: str | list[str] | None = None  # npz file, image folder, or text file(s) / folder
+    tokenizer: Literal["byte", "char"] = "byte"  # text only
+    image_size: int = Field(32, ge=4)  # folder only: images are resized to this
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    same_batches: bool = False  # every head draws the same batches (tests, identities)
+
+    @model_validator(mode="after")
+    def _path_readable(self) -> "DataConfig":
+        if self.name == "digits":
+            return self
+        if not self.path:
+            raise ValueError(f"data.path: required for data.name={self.name}")
+        for p in [self.path] if isinstance(self.path, str) else self.path:
+            if not os.path.exists(p):
+                raise ValueError(f"data.path: {p!r} does not exist")
+            if not os.access(p, os.R_OK):
+                raise ValueError(f"data.path: {p!r} is not readable")
+            if self.name == "folder" and not os.path.isdir(p):
+                raise ValueError(f"data.path: {p!r} is not a folder (data.name=folder)")
+            if self.name == "npz" and not os.path.isfile(p):
+                raise ValueError(f"data.path: {p!r} is not a file (data.name=npz)")
+        return self
+
+
+class LTEConfig(_Section):
+    heads: int = Field(4, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(64.0, gt=0)  # scaling s = alpha / rank
+    merge_every: int = Field(10, ge=1)  # T: local steps per round
+    mode: Literal["resetless", "reset"] = "resetless"
+    targets: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch patterns on nn.Linear names
+    replicas: Literal["frozen", "average"] = "average"  # non-LoRA parameters
+    quant: Literal["none", "int8", "nf4"] = "nf4"  # what the broadcast carries
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    full_lr: float | None = Field(None, gt=0)  # --method full; default: lte.scaling * lr
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)  # per head
+    rounds: int | None = Field(None, ge=1)
+    total_samples: int | None = Field(None, ge=1)  # alternative to rounds
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_rounds: int = Field(5, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_every: int = Field(10, ge=1)  # rounds
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Config(_Section):
+    method: Method = "lte"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lte: LTEConfig = Field(default_factory=LTEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        family = MODEL_FAMILIES[self.model.name]
+        if (family == "gpt") != (self.data.name == "text"):
+            need = "text data (data.name=text)" if family == "gpt" else "image data, not data.name=text"
+            raise ValueError(f"model.name: {self.model.name} needs {need}")
+        m = self.model
+        if family in ("vit", "gpt") and m.width and m.attn_heads and m.width % m.attn_heads:
+            raise ValueError(f"model.width: {m.width} is not divisible by model.attn_heads={m.attn_heads}")
+        if self.train.rounds is None and self.train.total_samples is None:
+            self.train.rounds = 60
+        return self
+
+    # Derived quantities every component agrees on.
+    @property
+    def rounds(self) -> int:
+        if self.train.total_samples is not None and self.train.rounds is None:
+            return max(1, math.ceil(self.train.total_samples / self.samples_per_round))
+        return int(self.train.rounds)  # type: ignore[arg-type]
+
+    @property
+    def samples_per_round(self) -> int:
+        return self.lte.heads * self.lte.merge_every * self.train.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.lte.merge_every
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def replace(self, overrides: dict[str, Any]) -> "Config":
+        """A validated copy with dotted-key overrides, e.g. ``replace({"lte.heads": 1})``."""
+        return build_config(self.to_dict(), overrides)
+
+
+def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {key!r} is not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+_PHRASES = {
+    "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}", "less_than": "must be < {lt}",
+    "literal_error": "must be one of {expected}", "extra_forbidden": "unknown field",
+}
+
+
+def _describe(err: ValidationError) -> str:
+    """The first validation error as one line: `field.path: what is wrong (got value)`."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "value_error":  # our own validators write complete, field-named messages
+        msg = str(first["ctx"]["error"])
+        return msg if ":" in msg.split(" ")[0] else f"{loc}: {msg}"
+    msg = _PHRASES[kind].format(**first.get("ctx", {})) if kind in _PHRASES else first["msg"]
+    got = first.get("input")
+    suffix = "" if kind in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {msg}{suffix}"
+
+
+def _from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` items -> {dotted: value}; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {str(p)!r}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config: {str(p)!r} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {str(p)!r} must hold a mapping of sections")
+    return data
+
+
+def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate `base` (e.g. from YAML) with dotted `overrides` applied on top."""
+    return _from_dict(_apply(copy.deepcopy(base or {}), overrides or {}))
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    return build_config(load_yaml(path) if path else {}, overrides)

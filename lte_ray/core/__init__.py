@@ -1,0 +1,1 @@
+"""Pure-PyTorch LTE engine. Nothing under core/ imports ray."""

@@ -1,0 +1,123 @@
+"""One LTE head: take a broadcast, run T local steps on its own batches, return its delta.
+
+Its optimizer state stays here across rounds, never synchronized and, in reset-less mode,
+never reset. A head is fully determined by (config, head_id): its factor init and its batch
+stream are seeded from them, so it behaves the same in-process or in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lte_ray.config import Config
+from lte_ray.core import lora, merge, quant
+from lte_ray.core.optim import lr_factor, make_optimizer, set_lr
+from lte_ray.core.task import loss_fn, resolve_device
+from lte_ray.data import BatchStream, DataBundle, batch_stream, load_data
+from lte_ray.models import build_model
+
+
+def head_seed(seed: int, head_id: int) -> int:
+    """Seed of head `head_id`'s factor init and batches (distinct, reproducible)."""
+    return seed * 1_000_003 + 7919 * (head_id + 1)
+
+
+def lr_schedule(cfg: Config, lr: float) -> Callable[[int], float]:
+    t = cfg.train
+    warmup = t.warmup_rounds * cfg.lte.merge_every
+    return lambda step: lr * lr_factor(step, cfg.total_steps, warmup, t.schedule, t.min_lr_ratio)
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, data: DataBundle, stream: BatchStream,
+                steps: range, lr_at: Callable[[int], float], device: torch.device,
+                grad_clip: float | None = None) -> float:
+    """Run the optimizer over `steps` (global step numbers); returns the mean training loss."""
+    model.train()
+    total = torch.zeros((), device=device)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for step in steps:
+        set_lr(opt, lr_at(step))
+        x, y = data.train.batch(stream.next())
+        loss = loss_fn(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        total += loss.detach()
+    return float(total) / max(1, len(steps))
+
+
+@dataclass
+class HeadResult:
+    """What a head sends up after a round: plain tensors and numbers only."""
+
+    head_id: int
+    round: int
+    factors: merge.Factors
+    replicas: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: float = float("nan")
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return merge.factors_nbytes(self.factors) + quant.nbytes(self.replicas)
+
+
+class Head:
+    def __init__(self, cfg: Config, head_id: int, data: DataBundle | None = None,
+                 device: torch.device | str | None = None):
+        self.cfg, self.head_id = cfg, head_id
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        self.data = data if data is not None else load_data(cfg.data, cfg.model)
+        seed = cfg.train.seed if cfg.data.same_batches else head_seed(cfg.train.seed, head_id)
+        self.stream = batch_stream(self.data, cfg.train.batch_size, seed)
+        self.gen = torch.Generator().manual_seed(head_seed(cfg.train.seed, head_id))
+
+        model = build_model(cfg.model, self.data.spec)
+        lte = cfg.lte
+        lora.to_lte(model, lte.rank, lte.alpha, lte.targets, resetless=lte.mode == "resetless")
+        lora.init_factors(model, self.gen)
+        lora.set_trainable(model, train_replicas=lte.replicas == "average")
+        self.model = model.to(self.device)
+        self.opt = make_optimizer(model.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+        self.lr_at = lr_schedule(cfg, cfg.train.lr)
+        self.rounds_done = 0
+
+    def receive(self, payload: dict[str, Any]) -> None:
+        """Start a round from the merged weights: the head's output now equals the merged model's."""
+        lora.load_shared_state(self.model, quant.unpack(payload, self.device))
+        if self.cfg.lte.mode == "resetless":
+            lora.snapshot(self.model)
+        elif self.rounds_done:  # reset: fresh factors and fresh optimizer state for them
+            lora.init_factors(self.model, self.gen)
+            for layer in lora.lte_layers(self.model).values():
+                for p in (layer.lora_A, layer.lora_B):
+                    self.opt.state.pop(p, None)
+
+    def train_round(self, round_idx: int, payload: dict[str, Any]) -> HeadResult:
+        start = time.perf_counter()
+        self.receive(payload)
+        t = self.cfg.lte.merge_every
+        loss = train_steps(self.model, self.opt, self.data, self.stream, range(round_idx * t, (round_idx + 1) * t),
+                           self.lr_at, self.device, self.cfg.train.grad_clip)
+        self.rounds_done += 1
+        return HeadResult(
+            head_id=self.head_id, round=round_idx, factors=self.export_factors(), replicas=self.export_replicas(),
+            loss=loss, samples=t * self.cfg.train.batch_size, seconds=time.perf_counter() - start)
+
+    def export_factors(self) -> merge.Factors:
+        # delta_factors builds new tensors, so no clone is needed for them to outlive the round.
+        return {k: (u.detach().cpu(), v.detach().cpu()) for k, (u, v) in merge.head_delta(self.model).items()}
+
+    def export_replicas(self) -> dict[str, torch.Tensor]:
+        if self.cfg.lte.replicas != "average":
+            return {}
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
+                if p.requires_grad and not lora.is_lora_key(n)}

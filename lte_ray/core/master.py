@@ -1,0 +1,50 @@
+"""The coordinator's side of LTE: fp32 master weights, the broadcast, the merge, evaluation.
+
+Used in-process by `core.simulate` and inside the Ray coordinator actor alike, so both run
+the same math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lte_ray.config import Config
+from lte_ray.core import lora, merge, quant
+from lte_ray.core.head import HeadResult
+from lte_ray.core.task import evaluate
+from lte_ray.data import DataBundle
+from lte_ray.models import build_model
+
+
+class MasterWeights:
+    def __init__(self, cfg: Config, data: DataBundle, device: torch.device | str = "cpu"):
+        self.cfg, self.data, self.device = cfg, data, torch.device(device)
+        torch.manual_seed(cfg.train.seed)  # the initial main weights are a function of the seed
+        model = build_model(cfg.model, data.spec)
+        self.quant_keys = lora.main_weight_keys(model, cfg.lte.targets)
+        # Master copy on CPU in fp32, whatever the heads compute in.
+        self.state: dict[str, torch.Tensor] = _fp32_cpu(model.state_dict())
+        self.eval_model = model.to(self.device)
+
+    def broadcast(self) -> dict[str, Any]:
+        """Q(W) plus the replica parameters: what every head receives at the start of a round."""
+        return quant.pack(self.state, self.quant_keys, self.cfg.lte.quant)
+
+    def merge(self, results: list[HeadResult]) -> None:
+        self.state = merge.merge_round(self.state, [r.factors for r in results], [r.replicas for r in results])
+
+    def evaluate(self) -> dict[str, float]:
+        self.eval_model.load_state_dict(self.state)
+        return evaluate(self.eval_model, self.data.test, self.data.spec.task, self.device)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.state) ^ set(state)
+        if missing:
+            raise KeyError(f"state does not fit the model: {sorted(missing)[:3]}")
+        self.state = _fp32_cpu(state)
+
+
+def _fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in state.items()}

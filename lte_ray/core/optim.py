@@ -1,0 +1,33 @@
+"""Optimizer and learning-rate schedule (a function of the global step, so a head that joins
+mid-run, or a resumed run, uses the same schedule as one that was there from the start)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+              min_ratio: float = 0.0) -> float:
+    """Linear warmup, then constant or cosine decay to `min_ratio` at `total_steps`."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr

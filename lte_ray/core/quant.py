@@ -1,0 +1,100 @@
+"""Pack the main weights for broadcast, and unpack them: none | int8 | nf4.
+
+The coordinator keeps fp32 master weights and sends Q(W); heads compute with dequant(Q(W)).
+Error never accumulates: every round re-quantizes from the master. Payloads are plain nested
+dicts of CPU tensors (no custom classes), so they cross process boundaries (Ray's object store,
+pickle) unchanged.
+
+* int8: blockwise linear (absmax per block of 64), torch-native: ~0.27x fp32 bytes.
+* nf4: bitsandbytes `quantize_4bit` (works on CPU and CUDA) with double-quantized block
+  statistics; its QuantState travels as `as_dict(packed=True)`: ~0.13x fp32 bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+METHODS = ("none", "int8", "nf4")
+INT8_BLOCK = 64
+NF4_BLOCK = 64
+
+
+def _int8_pack(w: torch.Tensor) -> dict[str, Any]:
+    flat = w.detach().float().flatten()
+    pad = (-len(flat)) % INT8_BLOCK
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
+    absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
+    q = torch.round(blocks / absmax[:, None] * 127).to(torch.int8)
+    return {"q": q.flatten()[: len(flat)].cpu(), "absmax": absmax.cpu(), "shape": list(w.shape)}
+
+
+def _int8_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
+    q = p["q"].to(device).float()
+    pad = (-len(q)) % INT8_BLOCK
+    blocks = torch.nn.functional.pad(q, (0, pad)).view(-1, INT8_BLOCK)
+    w = blocks * (p["absmax"].to(device)[:, None] / 127)
+    return w.flatten()[: len(q)].view(p["shape"])
+
+
+def _nf4_pack(w: torch.Tensor) -> dict[str, Any]:
+    import bitsandbytes.functional as bnbf
+
+    data, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=NF4_BLOCK,
+                                     compress_statistics=True, quant_type="nf4")
+    return {"data": data.cpu(), "state": {k: v.cpu() for k, v in state.as_dict(packed=True).items()}}
+
+
+def _nf4_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    device = torch.device(device)
+    state = bnbf.QuantState.from_dict({k: v.to(device) for k, v in p["state"].items()}, device=device)
+    return bnbf.dequantize_4bit(p["data"].to(device), state).float()
+
+
+def pack(state: dict[str, torch.Tensor], quantize: Iterable[str], method: str) -> dict[str, Any]:
+    """Payload for broadcast: the keys in `quantize` with `method`, all other tensors as fp32."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r} (choose from {', '.join(METHODS)})")
+    qkeys = set(quantize) if method != "none" else set()
+    packer = _int8_pack if method == "int8" else _nf4_pack
+    return {
+        "method": method,
+        "plain": {k: v.detach().cpu() for k, v in state.items() if k not in qkeys},
+        "quantized": {k: packer(state[k]) for k in state if k in qkeys},
+    }
+
+
+def unpack(payload: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    unpacker = _int8_unpack if payload["method"] == "int8" else _nf4_unpack
+    out = {k: v.to(device) for k, v in payload["plain"].items()}
+    out.update({k: unpacker(p, device) for k, p in payload["quantized"].items()})
+    return out
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested dict/list payload (what crosses the wire, give or take)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
+    return float((original.float() - restored.float()).norm() / original.float().norm().clamp_min(1e-12))
+
+
+def report(state: dict[str, torch.Tensor], payload: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per quantized tensor: fp32 bytes, payload bytes, their ratio and the relative error."""
+    restored = unpack(payload)
+    out = {}
+    for k, p in payload["quantized"].items():
+        fp32 = state[k].numel() * 4
+        out[k] = {"fp32_bytes": fp32, "bytes": nbytes(p), "ratio": nbytes(p) / fp32,
+                  "rel_error": relative_error(state[k], restored[k])}
+    return out

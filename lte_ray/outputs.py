@@ -1,0 +1,56 @@
+"""The output folder of a run: metrics.jsonl as rounds finish, then summary.json, the merged
+weights (model.safetensors) and the resolved config (config.yaml)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lte_ray.checkpoint import save_weights, write_json
+from lte_ray.config import Config
+from lte_ray.errors import UserError
+
+
+def default_output(cfg: Config) -> str:
+    return str(Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class RunOutput:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.dir = Path(cfg.output or default_output(cfg))
+        if not resume and (self.dir / "summary.json").exists():
+            raise UserError(f"output: {str(self.dir)!r} already holds a finished run; choose another --output")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
+        except OSError as e:
+            raise UserError(f"output: cannot write to {str(self.dir)!r}: {e.strerror or e}") from None
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Append one round's record right away, so an interrupted run keeps its curve."""
+        self._metrics.write(json.dumps(rec, default=float) + "\n")
+        self._metrics.flush()
+
+    def finish(self, summary: dict[str, Any], state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        self._metrics.close()
+        summary = {**summary, "output": str(self.dir)}
+        if state:
+            save_weights(self.dir / "model.safetensors", state, metadata={"method": summary["method"]})
+        write_json(self.dir / "summary.json", summary)
+        return summary
+
+    def close(self) -> None:
+        if not self._metrics.closed:
+            self._metrics.close()
+
+
+def make_summary(cfg: Config, *, method: str, rounds: int, heads: int, samples_seen: int, wall_seconds: float,
+                 final: dict[str, float], **extra: Any) -> dict[str, Any]:
+    return {"method": method, **final, "rounds": rounds, "samples_seen": samples_seen, "heads": heads,
+            "wall_seconds": round(wall_seconds, 3), **extra, "config": cfg.to_dict()}
