@@ -1,0 +1,75 @@
+"""Bad configs: each invalid field gives one clear line naming it, and exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lte_ray.cli import main
+from lte_ray.config import build_config, load_config, parse_set
+
+CASES = [
+    (["--rank", "0"], "lte.rank: must be >= 1"),
+    (["--heads", "0"], "lte.heads: must be >= 1"),
+    (["--set", "train.batch_size=0"], "train.batch_size: must be >= 1"),
+    (["--set", "train.batch_size=-5"], "train.batch_size: must be >= 1"),
+    (["--set", "model.name=resnet50"], "model.name: unknown model 'resnet50'"),
+    (["--set", "data.name=imagenet"], "data.name: must be one of"),
+    (["--config", "/no/such/file.yaml"], "config: cannot read '/no/such/file.yaml'"),
+    (["--set", "data.name=text", "--set", "data.path=/no/such.txt", "--set", "model.name=gpt_nano"],
+     "data.path: '/no/such.txt' does not exist"),
+    (["--set", "lte.quant=fp8"], "lte.quant: must be one of"),
+    (["--set", "lte.rnak=4"], "lte.rnak: unknown field"),
+    (["--set", "train.lr=fast"], "train.lr:"),
+    (["--set", "norank"], "--set norank: expected section.key=value"),
+    (["--set", "model.name=gpt_nano"], "model.name: gpt_nano needs text data"),
+    (["--set", "lte.targets=[nothing*]", "--rounds", "1"], "lte.targets: ['nothing*'] match no nn.Linear"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[c[1].split(":")[0] for c in CASES])
+def test_invalid_field_gives_one_line_and_exit_2(args, message, capsys, tmp_path):
+    rc = main(["train", "--quiet", "--output", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("lte-ray: error: ") and message in err, err
+
+
+def test_unreadable_and_invalid_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lte: [unclosed\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "is not valid YAML (line" in capsys.readouterr().err
+    bad.write_text("- a list\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lte_ray.cli", "train", "--rank", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "lte-ray: error: lte.rank: must be >= 1 (got 0)"
+
+
+def test_yaml_plus_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lte:\n  heads: 8\n  rank: 4\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_config(str(path), parse_set(["lte.rank=16", "train.total_samples=12800"]))
+    assert (cfg.lte.heads, cfg.lte.rank, cfg.train.lr) == (8, 16, 1e-3)
+    assert cfg.rounds == 5  # 12800 samples / (8 heads * 10 steps * 32 per batch)
+    assert cfg.lte.scaling == cfg.lte.alpha / 16
+
+
+def test_defaults_are_valid():
+    cfg = build_config()
+    assert cfg.method == "lte" and cfg.data.name == "digits" and cfg.rounds == 60
+
+
+def test_digits_yaml_spells_out_the_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "jobs" / "configs" / "digits.yaml"
+    assert load_config(str(path)) == build_config()

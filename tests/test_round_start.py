@@ -1,0 +1,80 @@
+"""At the start of every round a head computes the merged model (the reset-less correction
+cancels), and merging zero deltas leaves the weights unchanged."""
+
+import pytest
+import torch
+
+from lte_ray.core import merge, quant
+from lte_ray.core.lora import lte_layers
+from lte_ray.core.head import Head
+from lte_ray.core.master import MasterWeights
+from lte_ray.data import load_data
+from lte_ray.models import build_model
+
+
+def _outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("q", ["none", "nf4"])
+@pytest.mark.parametrize("replicas", ["frozen", "average"])
+def test_head_starts_every_round_at_the_merged_model(tiny_cfg, q, replicas):
+    cfg = tiny_cfg(**{"lte.quant": q, "lte.replicas": replicas})
+    data = load_data(cfg.data, cfg.model)
+    master = MasterWeights(cfg, data)
+    heads = [Head(cfg, i, data, "cpu") for i in range(cfg.lte.heads)]
+    x, _ = data.test.batch(torch.arange(64))
+    for r in range(3):
+        payload = master.broadcast()
+        # what the merged model computes with the weights the heads received
+        reference = build_model(cfg.model, data.spec)
+        reference.load_state_dict(quant.unpack(payload))
+        expected = _outputs(reference, x)
+        for h in heads:
+            h.receive(payload)
+            got = _outputs(h.model, x)
+            assert (got - expected).abs().max().item() < 1e-5, f"round {r}, head {h.head_id}"
+        results = [h.train_round(r, payload) for h in heads]
+        # after local training the heads have moved away from the merged model
+        assert (_outputs(heads[0].model, x) - expected).abs().max().item() > 1e-4
+        master.merge(results)
+
+
+def test_merging_zero_deltas_leaves_weights_unchanged(tiny_cfg):
+    cfg = tiny_cfg(**{"lte.quant": "none"})
+    data = load_data(cfg.data, cfg.model)
+    master = MasterWeights(cfg, data)
+    before = {k: v.clone() for k, v in master.state.items()}
+    zero = {k: (torch.zeros(v.shape[0], 8), torch.zeros(8, v.shape[1])) for k, v in before.items()
+            if k in master.quant_keys}
+    after = merge.merge_round(master.state, [zero, zero, zero], [])
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    # a head that has received the weights but not trained yet has a zero delta too
+    head = Head(cfg, 0, data, "cpu")
+    head.receive(master.broadcast())
+    after = merge.merge_round(master.state, [head.export_factors()], [])
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6
+
+
+def test_merge_is_the_mean_over_reporting_heads():
+    w = {"w": torch.zeros(3, 4)}
+    d1 = {"w": (torch.ones(3, 1), torch.ones(1, 4))}
+    d2 = {"w": (3 * torch.ones(3, 1), torch.ones(1, 4))}
+    assert torch.allclose(merge.apply_deltas(w, [d1, d2])["w"], torch.full((3, 4), 2.0))
+    assert torch.allclose(merge.apply_deltas(w, [d1])["w"], torch.ones(3, 4))
+
+
+def test_reset_mode_reinitializes_factors_each_round(tiny_cfg):
+    cfg = tiny_cfg(**{"lte.mode": "reset", "lte.quant": "none"})
+    data = load_data(cfg.data, cfg.model)
+    master = MasterWeights(cfg, data)
+    head = Head(cfg, 0, data, "cpu")
+    res = head.train_round(0, master.broadcast())
+    master.merge([res])
+    head.receive(master.broadcast())
+    for layer in lte_layers(head.model).values():
+        assert torch.count_nonzero(layer.lora_B) == 0
+        assert not head.opt.state.get(layer.lora_A)
