@@ -42,3 +42,35 @@ def save_weights(path: str | os.PathLike[str], state: dict[str, torch.Tensor], m
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(output_dir: str | os.PathLike[str], state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Main weights + replica params, with round, counters, config and MLflow run id in the
+    file's metadata: weights and metadata are replaced together, by one rename."""
+    path = Path(output_dir) / CHECKPOINT
+    save_weights(path, state, metadata={"lte_ray": json.dumps(meta, default=float)})
+    return path
+
+
+def checkpoint_meta(output_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The checkpoint's metadata without reading its tensors; None if there is no checkpoint."""
+    from safetensors import safe_open
+
+    path = Path(output_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})["lte_ray"])
+
+
+def load_checkpoint(output_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    path = Path(output_dir) / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["lte_ray"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return state, meta

@@ -15,7 +15,8 @@ from lte_ray.errors import UserError
 SHORT_FLAGS = {
     "method": "method", "heads": "lte.heads", "rank": "lte.rank", "alpha": "lte.alpha",
     "merge_every": "lte.merge_every", "quant": "lte.quant", "rounds": "train.rounds", "lr": "train.lr",
-    "seed": "train.seed", "device": "train.device", "output": "output",
+    "seed": "train.seed", "device": "train.device", "output": "output", "address": "ray.address",
+    "mlflow_uri": "tracking.mlflow_uri", "run_name": "ray.run_name",
 }
 
 
@@ -23,8 +24,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with LTE (or a baseline)",
                        description="Train a model with LoRA-the-Explorer. With no --config: LTE on the digits "
                                    "data set (shipped with scikit-learn) with a small ViT.")
-    p.add_argument("--backend", choices=["local"], default="local",
-                   help="local: every head in this process (core.simulate)")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: one actor per head and a coordinator actor (default); "
+                        "local: every head in this process (core.simulate)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last checkpoint")
+    p.add_argument("--run-name", help="the run's name on the cluster, for `lte-ray join` (default: output folder name)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
     p.add_argument("--config", metavar="FILE", help="YAML config (see jobs/configs/)")
     p.add_argument("--output", metavar="DIR", help="output folder (default: runs/<method>-<time>)")
     p.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
@@ -43,11 +49,22 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _join_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("join", help="add a head, hosted by this process, to a running run",
+                       description="Add one LoRA head to a running run. The head lives as long as this "
+                                   "command: it waits until the run ends (Ctrl-C withdraws the head).")
+    p.add_argument("--run", required=True, help="the run's name (printed by `lte-ray train`)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
+    p.add_argument("--namespace", default="lte-ray")
+    p.set_defaults(func=cmd_join)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lte-ray", description="LoRA-the-Explorer on Ray: train from scratch "
                                      "with many parallel low-rank heads.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _join_parser(sub)
     return parser
 
 
@@ -57,38 +74,107 @@ def config_from_args(args: argparse.Namespace):
     overrides = parse_set(args.sets)
     overrides.update({key: getattr(args, flag) for flag, key in SHORT_FLAGS.items()
                       if getattr(args, flag, None) is not None})
+    if args.resume:
+        return load_config(_resumable(args.resume), {**overrides, "output": args.resume})
     return load_config(args.config, overrides)
 
 
+def _resumable(run_dir: str) -> str:
+    """The config of a run that can be resumed, or a one-line reason why not."""
+    from pathlib import Path
+
+    from lte_ray.checkpoint import CHECKPOINT
+
+    d = Path(run_dir)
+    if not (d / "config.yaml").exists():
+        raise UserError(f"--resume: {run_dir!r} holds no run (no config.yaml)")
+    if (d / "summary.json").exists():
+        raise UserError(f"--resume: the run in {run_dir!r} has already finished")
+    if not (d / CHECKPOINT).exists():
+        raise UserError(f"--resume: {run_dir!r} has no checkpoint yet; start the run again")
+    return str(d / "config.yaml")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from lte_ray.core.simulate import simulate
+    from lte_ray.checkpoint import checkpoint_meta
     from lte_ray.outputs import RunOutput, make_summary
     from lte_ray.progress import RoundProgress, stdout_console, summary_table
+    from lte_ray.tracking import Tracker
 
     cfg = config_from_args(args)
-    out = RunOutput(cfg)
+    if cfg.method == "full" and args.backend == "ray":
+        print("lte-ray: the full-rank baseline is one worker with no heads; it runs in this process",
+              file=sys.stderr)
+        args.backend = "local"
+    if args.resume and args.backend != "ray":
+        raise UserError("--resume: only --backend ray writes checkpoints")
+    out = RunOutput(cfg, resume=bool(args.resume))
+    meta = checkpoint_meta(out.dir) if args.resume else None
+    if meta:
+        out.truncate_after(meta["round"])  # rounds after the checkpoint will be trained again
+    run_name = cfg.ray.run_name or out.dir.name
+    tracker = Tracker(cfg, out.dir, run_name, run_id=meta and meta.get("mlflow_run_id"), backend=args.backend)
     title = f"{cfg.method} x{cfg.lte.heads}" if cfg.method == "lte" else cfg.method
+    if not args.quiet:
+        print(f"run {run_name!r} ({args.backend}); output {out.dir}; MLflow {tracker.uri} run {tracker.run_id}",
+              file=sys.stderr)
 
     def on_round(rec: dict[str, Any]) -> None:
         out.record(rec)
+        tracker.log_round(rec)
         if bar:
             bar.update(rec)
+
+    def run():
+        if args.backend == "local":
+            from lte_ray.core.simulate import simulate
+
+            return simulate(cfg, on_round)
+        from lte_ray.runtime.launch import train
+
+        return train(cfg, run_name=run_name, output_dir=str(out.dir), on_round=on_round,
+                     mlflow_run_id=tracker.run_id, resume=bool(meta))
 
     bar = None
     try:
         if args.quiet:
-            result = simulate(cfg, on_round)
+            result = run()
         else:
-            with RoundProgress(cfg.rounds, title) as bar:
-                result = simulate(cfg, on_round)
+            with RoundProgress(cfg.rounds, title, start=meta["round"] if meta else 0) as bar:
+                result = run()
     except KeyboardInterrupt:
         out.close()
-        print(f"lte-ray: interrupted; the rounds so far are in {out.dir / 'metrics.jsonl'}", file=sys.stderr)
+        tracker.finish(out.dir, None, status="KILLED")
+        print(f"lte-ray: interrupted; the rounds so far are in {out.dir / 'metrics.jsonl'}"
+              + (f"; continue with --resume {out.dir}" if args.backend == "ray" else ""), file=sys.stderr)
         return 130
+    except BaseException:
+        out.close()
+        tracker.finish(out.dir, None, status="FAILED")
+        raise
     summary = out.finish(make_summary(cfg, method=result.method, rounds=result.rounds, heads=result.heads,
                                       samples_seen=result.samples_seen, wall_seconds=result.wall_seconds,
-                                      final=result.final), result.state)
+                                      final=result.final, **result.extra, mlflow_run_id=tracker.run_id,
+                                      mlflow_uri=tracker.uri), result.state)
+    tracker.finish(out.dir, summary)
     stdout_console().print(summary_table(summary))
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from lte_ray.runtime.launch import join
+
+    def show(status: dict[str, Any]) -> None:
+        if not status["done"]:
+            print(f"head {status['head_id']} in run {args.run!r}: round {status['round']}/{status['rounds']}, "
+                  f"{status['active_heads']} heads active", file=sys.stderr)
+
+    try:
+        status = join(args.run, address=args.address, namespace=args.namespace, on_status=show)
+    except KeyboardInterrupt:
+        print("lte-ray: head withdrawn", file=sys.stderr)
+        return 130
+    print(f"run {args.run!r} ended; head {status['head_id']} took part", file=sys.stderr)
     return 0
 
 

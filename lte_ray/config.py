@@ -110,12 +110,36 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class RayConfig(_Section):
+    """How the run sits on a Ray cluster (`--backend ray`)."""
+
+    address: str | None = None  # None: RAY_ADDRESS if set, else start a local cluster on 127.0.0.1
+    namespace: str = "lte-ray"
+    run_name: str | None = None  # the coordinator's actor name (default: the output folder's name)
+    cpus_per_head: float = Field(1.0, gt=0)
+    gpus_per_head: float = Field(0.0, ge=0)  # fractional: 0.25 puts four heads on one GPU
+    coordinator_gpus: float = Field(0.0, ge=0)  # for merge + evaluation
+    min_heads: int = Field(1, ge=1)  # quorum: a round merges if at least this many heads reported
+    max_heads: int | None = Field(None, ge=1)  # cap on heads incl. joiners (default: no cap)
+    round_timeout_s: float = Field(600.0, gt=0)  # later results are discarded (staleness 0)
+    checkpoint_every: int = Field(1, ge=1)  # rounds
+    max_delta_ratio: float | None = Field(5.0, gt=0)  # reject a head whose |D|_F > ratio * |W|_F
+    max_failed_rounds: int = Field(10, ge=1)  # rounds in a row without quorum before giving up
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = None  # default: sqlite:///<output>/mlflow.db
+    experiment: str = "lte-ray"
+
+
 class Config(_Section):
     method: Method = "lte"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lte: LTEConfig = Field(default_factory=LTEConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: str | None = None
 
     @model_validator(mode="after")
@@ -127,6 +151,10 @@ class Config(_Section):
         m = self.model
         if family in ("vit", "gpt") and m.width and m.attn_heads and m.width % m.attn_heads:
             raise ValueError(f"model.width: {m.width} is not divisible by model.attn_heads={m.attn_heads}")
+        if self.ray.min_heads > self.lte.heads:
+            raise ValueError(f"ray.min_heads: {self.ray.min_heads} is more than lte.heads={self.lte.heads}")
+        if self.ray.max_heads is not None and self.ray.max_heads < self.lte.heads:
+            raise ValueError(f"ray.max_heads: {self.ray.max_heads} is less than lte.heads={self.lte.heads}")
         if self.train.rounds is None and self.train.total_samples is None:
             self.train.rounds = 60
         return self

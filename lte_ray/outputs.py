@@ -32,6 +32,20 @@ class RunOutput:
         except OSError as e:
             raise UserError(f"output: cannot write to {str(self.dir)!r}: {e.strerror or e}") from None
 
+    def truncate_after(self, round_: int) -> None:
+        """Drop records of rounds after `round_` (not in the checkpoint; they will be redone)."""
+        self._metrics.close()
+        path = self.dir / "metrics.jsonl"
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["round"] <= round_:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line cut short when the driver was killed
+                continue
+        path.write_text("".join(line + "\n" for line in keep))
+        self._metrics = open(path, "a")
+
     def record(self, rec: dict[str, Any]) -> None:
         """Append one round's record right away, so an interrupted run keeps its curve."""
         self._metrics.write(json.dumps(rec, default=float) + "\n")

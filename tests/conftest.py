@@ -14,3 +14,28 @@ def tiny_cfg():
         return build_config({}, base)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session: 8 logical CPUs (actors take fractions of them) and
+    one advertised GPU (there is none; fractional-GPU scheduling is what gets tested), bound to
+    127.0.0.1. Yields the GCS address, for second processes to connect to."""
+    import ray
+
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="lte-ray",
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_cfg(tiny_cfg):
+    """tiny_cfg with actors sized for 2 cores."""
+
+    def make(**overrides):
+        return tiny_cfg(**{"ray.cpus_per_head": 0.5, **overrides})
+
+    return make

@@ -23,7 +23,7 @@ CASES = [
     (["--set", "train.lr=fast"], "train.lr:"),
     (["--set", "norank"], "--set norank: expected section.key=value"),
     (["--set", "model.name=gpt_nano"], "model.name: gpt_nano needs text data"),
-    (["--set", "lte.targets=[nothing*]", "--rounds", "1"], "lte.targets: ['nothing*'] match no nn.Linear"),
+    (["--set", "lte.targets=[nothing*]", "--rounds", "1", "--backend", "local"], "lte.targets: ['nothing*'] match no nn.Linear"),
 ]
 
 

@@ -89,10 +89,14 @@ class Head:
         self.opt = make_optimizer(model.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
         self.lr_at = lr_schedule(cfg, cfg.train.lr)
         self.rounds_done = 0
+        self.received = False  # has it had a full broadcast yet?
 
     def receive(self, payload: dict[str, Any]) -> None:
         """Start a round from the merged weights: the head's output now equals the merged model's."""
-        lora.load_shared_state(self.model, quant.unpack(payload, self.device))
+        if not (payload.get("full") or self.received):
+            raise ValueError(f"head {self.head_id}: its first broadcast must carry the full state")
+        lora.load_shared_state(self.model, quant.unpack(payload, self.device), partial=not payload.get("full"))
+        self.received = True
         if self.cfg.lte.mode == "resetless":
             lora.snapshot(self.model)
         elif self.rounds_done:  # reset: fresh factors and fresh optimizer state for them

@@ -140,8 +140,10 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not is_lora_key(k)}
 
 
-def load_shared_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_shared_state(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """Load main weights + replicas; with `partial`, only the keys given (e.g. frozen replicas
+    were loaded before and did not travel again)."""
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not is_lora_key(k)]
+    missing = [] if partial else [k for k in result.missing_keys if not is_lora_key(k)]
     if missing or result.unexpected_keys:
         raise KeyError(f"state does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -15,6 +15,7 @@ from lte_ray.core import lora, merge, quant
 from lte_ray.core.head import HeadResult
 from lte_ray.core.task import evaluate
 from lte_ray.data import DataBundle
+from lte_ray.errors import UserError
 from lte_ray.models import build_model
 
 
@@ -24,13 +25,21 @@ class MasterWeights:
         torch.manual_seed(cfg.train.seed)  # the initial main weights are a function of the seed
         model = build_model(cfg.model, data.spec)
         self.quant_keys = lora.main_weight_keys(model, cfg.lte.targets)
+        if not self.quant_keys:
+            raise UserError(f"lte.targets: {cfg.lte.targets} match no nn.Linear layer of the model")
         # Master copy on CPU in fp32, whatever the heads compute in.
         self.state: dict[str, torch.Tensor] = _fp32_cpu(model.state_dict())
         self.eval_model = model.to(self.device)
 
-    def broadcast(self) -> dict[str, Any]:
-        """Q(W) plus the replica parameters: what every head receives at the start of a round."""
-        return quant.pack(self.state, self.quant_keys, self.cfg.lte.quant)
+    def broadcast(self, full: bool = False) -> dict[str, Any]:
+        """What heads receive at the start of a round: Q(W), plus the replica parameters when
+        they are averaged (they change) or when `full` (a head's first round; frozen replicas
+        never change, so they travel only then)."""
+        if full or self.cfg.lte.replicas == "average":
+            state, full = self.state, True
+        else:
+            state = {k: self.state[k] for k in self.quant_keys}
+        return {**quant.pack(state, self.quant_keys, self.cfg.lte.quant), "full": full}
 
     def merge(self, results: list[HeadResult]) -> None:
         self.state = merge.merge_round(self.state, [r.factors for r in results], [r.replicas for r in results])

@@ -52,3 +52,34 @@ def merge_round(state: dict[str, torch.Tensor], deltas: list[Factors],
 
 def factors_nbytes(factors: Factors) -> int:
     return sum(u.nbytes + v.nbytes for u, v in factors.values())
+
+
+def delta_norm(u: torch.Tensor, v: torch.Tensor) -> float:
+    """|U V|_F without forming U V: sqrt(sum((U^T U) * (V V^T))), O(r^2 (m + n))."""
+    u, v = u.double(), v.double()
+    return float(((u.T @ u) * (v @ v.T)).sum().clamp_min(0).sqrt())
+
+
+def check_result(factors: Factors, replicas: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                 main_keys: list[str], max_delta_ratio: float | None = None) -> str | None:
+    """Why a head's upload must be rejected (wrong keys or shapes, NaN/Inf, a delta far larger
+    than the weights), or None if it is fit to merge."""
+    if set(factors) != set(main_keys):
+        return f"factors for {len(factors)} layers, expected {len(main_keys)}"
+    for key, (u, v) in factors.items():
+        w = state[key]
+        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != w.shape[0] or v.shape[1] != w.shape[1] \
+                or u.shape[1] != v.shape[0]:
+            return f"{key}: factors {tuple(u.shape)} x {tuple(v.shape)} do not fit weight {tuple(w.shape)}"
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            return f"{key}: factors hold NaN or Inf"
+        if max_delta_ratio is not None:
+            ratio = delta_norm(u, v) / max(float(w.norm()), 1e-12)
+            if ratio > max_delta_ratio:
+                return f"{key}: delta norm is {ratio:.3g}x the weight norm (bound {max_delta_ratio:g})"
+    for key, t in replicas.items():
+        if key not in state or key in main_keys or t.shape != state[key].shape:
+            return f"replica {key}: unknown or wrong shape {tuple(t.shape)}"
+        if not torch.isfinite(t).all():
+            return f"replica {key}: holds NaN or Inf"
+    return None

@@ -12,19 +12,19 @@ pickle) unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
 METHODS = ("none", "int8", "nf4")
-INT8_BLOCK = 64
-NF4_BLOCK = 64
+BLOCK = 64  # elements per quantization block (absmax scale), for int8 and nf4
 
 
 def _int8_pack(w: torch.Tensor) -> dict[str, Any]:
     flat = w.detach().float().flatten()
-    pad = (-len(flat)) % INT8_BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
+    pad = (-len(flat)) % BLOCK
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
     absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
     q = torch.round(blocks / absmax[:, None] * 127).to(torch.int8)
     return {"q": q.flatten()[: len(flat)].cpu(), "absmax": absmax.cpu(), "shape": list(w.shape)}
@@ -32,8 +32,8 @@ def _int8_pack(w: torch.Tensor) -> dict[str, Any]:
 
 def _int8_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
     q = p["q"].to(device).float()
-    pad = (-len(q)) % INT8_BLOCK
-    blocks = torch.nn.functional.pad(q, (0, pad)).view(-1, INT8_BLOCK)
+    pad = (-len(q)) % BLOCK
+    blocks = torch.nn.functional.pad(q, (0, pad)).view(-1, BLOCK)
     w = blocks * (p["absmax"].to(device)[:, None] / 127)
     return w.flatten()[: len(q)].view(p["shape"])
 
@@ -41,7 +41,7 @@ def _int8_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
 def _nf4_pack(w: torch.Tensor) -> dict[str, Any]:
     import bitsandbytes.functional as bnbf
 
-    data, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=NF4_BLOCK,
+    data, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCK,
                                      compress_statistics=True, quant_type="nf4")
     return {"data": data.cpu(), "state": {k: v.cpu() for k, v in state.as_dict(packed=True).items()}}
 
@@ -54,23 +54,41 @@ def _nf4_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
     return bnbf.dequantize_4bit(p["data"].to(device), state).float()
 
 
+def _padded(n: int) -> int:
+    return n + (-n) % BLOCK
+
+
 def pack(state: dict[str, torch.Tensor], quantize: Iterable[str], method: str) -> dict[str, Any]:
-    """Payload for broadcast: the keys in `quantize` with `method`, all other tensors as fp32."""
+    """Payload for broadcast: the keys in `quantize` with `method`, all other tensors as fp32.
+
+    The quantized tensors travel as one flat buffer, each padded to a block boundary: no block
+    straddles two tensors (the same error as quantizing them one by one), while the per-buffer
+    overhead (code tables, packed state) is paid once and there is one quantize call per round.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r} (choose from {', '.join(METHODS)})")
-    qkeys = set(quantize) if method != "none" else set()
-    packer = _int8_pack if method == "int8" else _nf4_pack
-    return {
-        "method": method,
-        "plain": {k: v.detach().cpu() for k, v in state.items() if k not in qkeys},
-        "quantized": {k: packer(state[k]) for k in state if k in qkeys},
-    }
+    qkeys = [k for k in state if k in set(quantize)] if method != "none" else []
+    payload: dict[str, Any] = {"method": method,
+                               "plain": {k: v.detach().cpu() for k, v in state.items() if k not in qkeys}}
+    if qkeys:
+        flat = torch.cat([torch.nn.functional.pad(state[k].detach().float().flatten(),
+                                                  (0, _padded(state[k].numel()) - state[k].numel()))
+                          for k in qkeys])
+        packer = _int8_pack if method == "int8" else _nf4_pack
+        payload["quantized"] = {"keys": qkeys, "shapes": [list(state[k].shape) for k in qkeys], "flat": packer(flat)}
+    return payload
 
 
 def unpack(payload: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    unpacker = _int8_unpack if payload["method"] == "int8" else _nf4_unpack
     out = {k: v.to(device) for k, v in payload["plain"].items()}
-    out.update({k: unpacker(p, device) for k, p in payload["quantized"].items()})
+    q = payload.get("quantized")
+    if q:
+        flat = (_int8_unpack if payload["method"] == "int8" else _nf4_unpack)(q["flat"], device).flatten()
+        offset = 0
+        for key, shape in zip(q["keys"], q["shapes"]):
+            n = math.prod(shape)
+            out[key] = flat[offset:offset + n].view(shape)
+            offset += _padded(n)
     return out
 
 
@@ -90,11 +108,17 @@ def relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
 
 
 def report(state: dict[str, torch.Tensor], payload: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per quantized tensor: fp32 bytes, payload bytes, their ratio and the relative error."""
+    """Per quantized tensor: fp32 bytes, its share of the payload bytes, the ratio, and the
+    relative error."""
+    q = payload.get("quantized")
+    if not q:
+        return {}
     restored = unpack(payload)
+    total, padded = nbytes(q["flat"]), sum(_padded(math.prod(s)) for s in q["shapes"])
     out = {}
-    for k, p in payload["quantized"].items():
-        fp32 = state[k].numel() * 4
-        out[k] = {"fp32_bytes": fp32, "bytes": nbytes(p), "ratio": nbytes(p) / fp32,
-                  "rel_error": relative_error(state[k], restored[k])}
+    for key in q["keys"]:
+        fp32 = state[key].numel() * 4
+        share = total * _padded(state[key].numel()) / padded
+        out[key] = {"fp32_bytes": fp32, "bytes": share, "ratio": share / fp32,
+                    "rel_error": relative_error(state[key], restored[key])}
     return out

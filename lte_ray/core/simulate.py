@@ -39,6 +39,7 @@ class RunResult:
     final: dict[str, float]  # the last evaluation
     history: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # final merged weights
+    extra: dict[str, Any] = field(default_factory=dict)  # backend counters (bytes, heads joined/lost)
 
 
 def as_lte(cfg: Config) -> Config:
@@ -66,11 +67,12 @@ class History:
     def eval_due(self, round_idx: int) -> bool:
         return (round_idx + 1) % self.cfg.train.eval_every == 0 or round_idx + 1 == self.cfg.rounds
 
-    def add(self, round_idx: int, samples: int, losses: list[float], evals: dict[str, float] | None,
+    def add(self, round_idx: int, samples: int, head_losses: dict[int, float], evals: dict[str, float] | None,
             **extra: Any) -> dict[str, Any]:
         self.samples_seen += samples
+        losses = list(head_losses.values())
         rec = {"round": round_idx + 1, "rounds": self.cfg.rounds, "samples_seen": self.samples_seen,
-               "train_loss": sum(losses) / len(losses), "head_losses": losses,
+               "train_loss": sum(losses) / len(losses), "head_losses": {str(k): v for k, v in head_losses.items()},
                "elapsed": time.perf_counter() - self.start, **extra, **(evals or {})}
         self.records.append(rec)
         if self.on_round:
@@ -95,10 +97,10 @@ def simulate(cfg: Config, on_round: RoundCallback | None = None, data: DataBundl
     heads = [Head(run_cfg, i, data, device) for i in range(run_cfg.lte.heads)]
     history = History(run_cfg, on_round)
     for r in range(run_cfg.rounds):
-        payload = master.broadcast()
+        payload = master.broadcast(full=r == 0)
         results: list[HeadResult] = [h.train_round(r, payload) for h in heads]
         master.merge(results)
-        history.add(r, sum(x.samples for x in results), [x.loss for x in results],
+        history.add(r, sum(x.samples for x in results), {x.head_id: x.loss for x in results},
                     master.evaluate() if history.eval_due(r) else None, active_heads=len(results))
     return RunResult(cfg.method, run_cfg.rounds, run_cfg.lte.heads, history.samples_seen,
                      time.perf_counter() - history.start, history.last_eval(), history.records, master.state)
@@ -118,7 +120,7 @@ def _full_rank(cfg: Config, data: DataBundle, on_round: RoundCallback | None) ->
     for r in range(cfg.rounds):
         loss = train_steps(model, opt, data, stream, range(r * t, (r + 1) * t), lr_at, device, cfg.train.grad_clip)
         evals = evaluate(model, data.test, data.spec.task, device) if history.eval_due(r) else None
-        history.add(r, t * batch, [loss], evals, active_heads=1)
+        history.add(r, t * batch, {0: loss}, evals, active_heads=1)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return RunResult("full", cfg.rounds, 1, history.samples_seen, time.perf_counter() - history.start,
                      history.last_eval(), history.records, state)

@@ -1,0 +1,130 @@
+"""The driver behind `lte-ray train --backend ray` and `lte-ray join`.
+
+It connects to a cluster (`--address` / `ray.address` / RAY_ADDRESS, else it starts a local one
+on 127.0.0.1), starts the coordinator as a named actor on its own node (so checkpoints land in
+the same output folder), streams the coordinator's per-round records to the caller, and
+returns the result. Killing the coordinator also ends the head actors it spawned (Ray ties an
+actor's fate to its owner).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lte_ray.config import Config
+from lte_ray.core.simulate import RunResult, as_lte
+from lte_ray.errors import UserError
+from lte_ray.runtime.coordinator import Coordinator
+from lte_ray.runtime.worker import head_actor
+
+POLL_S = 0.5
+
+
+def connect(cfg: Config, address: str | None = None) -> bool:
+    """Make sure this process is a Ray driver; True if it started a local cluster itself."""
+    if ray.is_initialized():
+        return False
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, namespace=cfg.ray.namespace)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"ray.address: cannot connect to Ray at {address!r}: {e}") from None
+        return False
+    # A local cluster for this run: enough logical CPUs for every head, bound to loopback.
+    cpus = max(os.cpu_count() or 1, math.ceil(cfg.lte.heads * cfg.ray.cpus_per_head))
+    ray.init(num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False,
+             _node_ip_address="127.0.0.1")
+    return True
+
+
+def _unwrap(e: RayTaskError) -> BaseException:
+    """A user mistake raised inside an actor comes back as the one-line error it is."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, UserError) else e
+
+
+def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[dict[str, Any]], None] | None = None,
+          mlflow_run_id: str | None = None, resume: bool = False, address: str | None = None) -> RunResult:
+    if cfg.method == "full":
+        raise UserError("method: full-rank training has no heads; run it with --backend local")
+    run_cfg = as_lte(cfg)  # the LoRA baselines are LTE special cases (one head)
+    started_local = connect(cfg, address)
+    coord = None
+    try:
+        try:
+            ray.get_actor(run_name, namespace=cfg.ray.namespace)
+            raise UserError(f"ray.run_name: a run named {run_name!r} is already running in namespace "
+                            f"{cfg.ray.namespace!r}")
+        except ValueError:
+            pass
+        here = ray.get_runtime_context().get_node_id()
+        coord = ray.remote(Coordinator).options(
+            name=run_name, namespace=cfg.ray.namespace, num_cpus=0, num_gpus=cfg.ray.coordinator_gpus,
+            max_concurrency=8, max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(run_cfg.to_dict(), run_name, os.path.abspath(output_dir), mlflow_run_id, resume)
+        run_ref = coord.run.remote()
+        seen = 0
+        while True:
+            finished = bool(ray.wait([run_ref], timeout=POLL_S)[0])
+            for rec in ray.get(coord.records_since.remote(seen)):
+                seen += 1
+                if on_round:
+                    on_round(rec)
+            if finished:
+                break
+        out = ray.get(run_ref)
+    except RayTaskError as e:
+        raise _unwrap(e) from None
+    finally:
+        if coord is not None:
+            ray.kill(coord)
+        if started_local:
+            ray.shutdown()
+    extra = {k: out[k] for k in ("bytes_up", "bytes_down", "heads_joined", "heads_lost", "heads_rejected",
+                                 "late_results")}
+    return RunResult(cfg.method, out["rounds"], out["heads"], out["samples_seen"], out["wall_seconds"],
+                     out["final"], [], out["state"], extra)
+
+
+def join(run_name: str, *, address: str | None = None, namespace: str = "lte-ray", wait: bool = True,
+         on_status: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Add one head, hosted by this process, to a running run. With `wait`, stay until the run
+    ends (the head's actor belongs to this process: leaving withdraws the head)."""
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=namespace)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"--address: cannot connect to Ray at {address or 'auto'!r}: {e}") from None
+    try:
+        coord = ray.get_actor(run_name, namespace=namespace)
+    except ValueError:
+        raise UserError(f"--run: no run named {run_name!r} is running in namespace {namespace!r}") from None
+    cfg = Config.model_validate(ray.get(coord.config.remote()))
+    head_id = ray.get(coord.reserve_head_id.remote())
+    here = ray.get_runtime_context().get_node_id()
+    handle = head_actor(cfg, head_id, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True))
+    refused = ray.get(coord.add_worker.remote(head_id, handle))
+    if refused:
+        ray.kill(handle)
+        raise UserError(f"--run: {run_name!r} did not take the head: {refused}")
+    status: dict[str, Any] = {"head_id": head_id, "done": False}
+    while wait:
+        try:
+            status = {"head_id": head_id, **ray.get(coord.status.remote())}
+        except RayActorError:  # the driver ended the run and its coordinator
+            status = {"head_id": head_id, "done": True}
+        if on_status:
+            on_status(status)
+        if status["done"]:
+            break
+        time.sleep(2 * POLL_S)
+    return status

@@ -1,0 +1,226 @@
+"""LTE on Ray: equivalence with core.simulate, fractional GPUs, object traffic, invalid uploads,
+a killed head, a head joining from another process, and resuming a killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+import ray
+import torch
+
+from lte_ray.checkpoint import checkpoint_meta
+from lte_ray.core.simulate import simulate
+from lte_ray.runtime.launch import train
+
+
+def _name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _coordinator(name: str):
+    return ray.get_actor(name, namespace="lte-ray")
+
+
+def test_ray_run_equals_simulate(ray_cluster, ray_cfg, tmp_path):
+    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 3, "lte.quant": "none", "lte.replicas": "average"})
+    on_ray = train(cfg, run_name=_name(), output_dir=str(tmp_path))
+    local = simulate(cfg)
+    assert on_ray.rounds == 3 and on_ray.samples_seen == local.samples_seen
+    diff = max((on_ray.state[k] - local.state[k]).abs().max().item() for k in local.state)
+    assert diff < 1e-5, f"max abs difference {diff:.2e}"
+    moved = max((local.state[k] - simulate(cfg.replace({"train.rounds": 1})).state[k]).abs().max().item()
+                for k in local.state)
+    assert moved > 1e-4  # the weights did change over the rounds compared
+
+
+def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
+    cfg = ray_cfg(**{"lte.heads": 4, "ray.gpus_per_head": 0.25, "train.rounds": 3, "lte.quant": "nf4",
+                     "lte.replicas": "frozen"})
+    name, seen = _name(), {}
+
+    def on_round(rec):
+        if rec["round"] == 1:
+            seen["gpus_free"] = ray.available_resources().get("GPU", 0.0)
+            seen["workers"] = ray.get(_coordinator(name).workers.remote())
+        seen.setdefault("records", []).append(rec)
+
+    result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
+    workers = seen["workers"]
+    assert len(workers) == 4 and seen["gpus_free"] == 0.0  # all four on the one GPU at once
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for info in workers.values():
+        assert info["gpu_ids"] == ["0"] and info["cuda_visible_devices"] == "0"
+        assert info["device"].startswith(expected_device)
+    assert all(rec["active_heads"] == 4 for rec in seen["records"])
+
+    # Object traffic. Down: one nf4 payload per head per round, <= 0.16x of the fp32 weights
+    # (a head's first payload also carries the frozen replica parameters, once).
+    fp32_bytes = sum(v.numel() * 4 for v in result.state.values())
+    for rec in seen["records"][1:]:
+        assert rec["bytes_down"] / rec["active_heads"] <= 0.16 * fp32_bytes
+    first = seen["records"][0]["bytes_down"] / 4
+    assert first > seen["records"][1]["bytes_down"] / 4
+    assert sum(r["bytes_down"] for r in seen["records"]) / (4 * 3) <= 0.16 * fp32_bytes
+    # Up: exactly the factors, (d_out + d_in) x 2r fp32 numbers per layer per head.
+    from lte_ray.core.lora import target_names
+    from lte_ray.data import load_data
+    from lte_ray.models import build_model
+
+    data = load_data(cfg.data, cfg.model)
+    model = build_model(cfg.model, data.spec)
+    per_head = sum((m.in_features + m.out_features) * 2 * cfg.lte.rank * 4
+                   for n, m in model.named_modules() if n in target_names(model, cfg.lte.targets))
+    assert all(rec["bytes_up"] == 4 * per_head for rec in seen["records"])
+    assert result.extra["bytes_up"] == 3 * 4 * per_head
+
+
+def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg, tmp_path):
+    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 6, "lte.quant": "none"})
+    name = _name()
+
+    def on_round(rec):
+        if rec["round"] == 1:
+            handles = ray.get(_coordinator(name).worker_handles.remote())
+            ids = sorted(handles)
+            ray.get([handles[ids[0]].corrupt_next.remote("nan"), handles[ids[1]].corrupt_next.remote("shape")])
+
+    result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
+    assert result.rounds == 6 and result.extra["heads_rejected"] == 2
+    assert all(torch.isfinite(v).all() for v in result.state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_head_mid_round(ray_cluster, tmp_path):
+    from lte_ray.config import build_config
+
+    cfg = build_config({}, {"ray.cpus_per_head": 0.5, "train.rounds": 25, "lte.quant": "nf4"})
+    name, killed = _name(), {}
+
+    def on_round(rec):
+        if rec["round"] == 3 and not killed:
+            workers = ray.get(_coordinator(name).workers.remote())
+            head_id, info = sorted(workers.items())[0]
+            os.kill(info["pid"], signal.SIGKILL)
+            killed["head"] = head_id
+
+    result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
+    print(f"\nSIGKILL of head {killed['head']}: {result.extra}, accuracy {result.final['eval_accuracy']:.4f}")
+    assert result.rounds == 25
+    assert result.extra["heads_lost"] >= 1 and result.extra["heads_joined"] >= 1
+    assert result.final["eval_accuracy"] >= 0.90
+
+
+@pytest.mark.slow
+def test_lte_ray_join_from_a_second_process(ray_cluster, tmp_path):
+    from lte_ray.config import build_config
+
+    cfg = build_config({}, {"ray.cpus_per_head": 0.5, "lte.heads": 2, "train.rounds": 40, "lte.quant": "nf4"})
+    name, records, box = _name(), [], {}
+    runner = threading.Thread(target=lambda: box.setdefault("result", train(
+        cfg, run_name=name, output_dir=str(tmp_path), on_round=records.append)))
+    runner.start()
+    while not records:  # the run is up
+        time.sleep(0.5)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    joiner = subprocess.run([sys.executable, "-m", "lte_ray.cli", "join", "--address", ray_cluster, "--run", name],
+                            capture_output=True, text=True, timeout=600, env=env)
+    runner.join(timeout=600)
+    assert joiner.returncode == 0, joiner.stderr[-2000:]
+    result = box["result"]
+    assert result.extra["heads_joined"] >= 1
+    later = [r for r in records if "2" in r["head_losses"]]  # head ids 0, 1 started; the joiner is 2
+    assert later and all(r["active_heads"] == 3 for r in later)
+    assert later[-1]["round"] == 40  # it took part until the end
+    print(f"\njoined head trained in rounds {later[0]['round']}..{later[-1]['round']}")
+
+
+@pytest.mark.slow
+def test_resume_after_killing_driver_and_coordinator(ray_cluster, tmp_path):
+    import mlflow
+
+    out = tmp_path / "run"
+    rounds = 30
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    cmd = [sys.executable, "-m", "lte_ray.cli", "train", "--quiet", "--address", ray_cluster, "--output", str(out),
+           "--rounds", str(rounds), "--set", "ray.cpus_per_head=0.5"]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            meta = checkpoint_meta(out) if (out / "checkpoint.safetensors").exists() else None
+            if meta and meta["round"] >= 3:
+                break
+            time.sleep(0.3)
+        assert meta and meta["round"] >= 3, "no checkpoint appeared"
+    finally:
+        driver.send_signal(signal.SIGKILL)  # the driver dies; Ray then ends its coordinator
+        driver.wait()
+    killed_at = checkpoint_meta(out)["round"]
+    assert killed_at < rounds
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the coordinator goes with its driver
+        try:
+            _coordinator(out.name)
+            time.sleep(0.5)
+        except ValueError:
+            break
+
+    from lte_ray.cli import main
+
+    assert main(["train", "--quiet", "--resume", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == rounds
+    samples_per_round = 4 * 10 * 32
+    assert summary["samples_seen"] == rounds * samples_per_round  # no round lost or repeated
+    logged = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == len(set(logged)) and logged == sorted(logged) and logged[-1] == rounds
+    assert killed_at + 1 in logged
+
+    client = mlflow.MlflowClient(tracking_uri=summary["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("lte-ray").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == rounds
+    print(f"\nkilled after checkpoint of round {killed_at}; resumed to round {rounds}")
+
+
+@pytest.mark.slow
+def test_default_train_on_ray_reaches_90_percent_and_logs_to_mlflow(ray_cluster, tmp_path):
+    import mlflow
+
+    from lte_ray.cli import main
+
+    out = tmp_path / "default"
+    assert main(["train", "--quiet", "--output", str(out), "--set", "ray.cpus_per_head=0.5"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"\nRay, nf4: accuracy {summary['eval_accuracy']:.4f} in {summary['wall_seconds']:.0f}s; "
+          f"down {summary['bytes_down']:,} B, up {summary['bytes_up']:,} B")
+    assert summary["eval_accuracy"] >= 0.90 and summary["config"]["lte"]["quant"] == "nf4"
+    for key in ("bytes_up", "bytes_down", "heads_joined", "heads_lost"):
+        assert key in summary
+
+    mlflow.set_tracking_uri(summary["mlflow_uri"])
+    runs = mlflow.search_runs(experiment_names=["lte-ray"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["lte.heads"] == "4" and run.data.params["lte.quant"] == "nf4"
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 61))
+    acc = client.get_metric_history(run.info.run_id, "eval_accuracy")
+    assert [m.step for m in acc] == [10, 20, 30, 40, 50, 60] and acc[-1].value >= 0.90
+    for metric in ("active_heads", "bytes_down", "round_seconds", "merge_seconds", "train_loss_head_0"):
+        assert client.get_metric_history(run.info.run_id, metric)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "config.yaml", "eval_curve.png"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model.safetensors",
+                                                dst_path=str(tmp_path / "dl"))
+    from safetensors.torch import load_file
+
+    assert set(load_file(local)) == set(load_file(out / "model.safetensors"))
