@@ -6,6 +6,7 @@ User mistakes print one line `lte-ray: error: ...` and exit with code 2, without
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -106,6 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("lte-ray: the full-rank baseline is one worker with no heads; it runs in this process",
               file=sys.stderr)
         args.backend = "local"
+    if args.backend == "ray" and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # We will start a local cluster: keep it on 127.0.0.1 (Ray otherwise binds to the routable
+        # address). Read by Ray at import, so it is set before lte_ray.runtime imports ray.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if args.resume and args.backend != "ray":
         raise UserError("--resume: only --backend ray writes checkpoints")
     out = RunOutput(cfg, resume=bool(args.resume))

@@ -122,6 +122,7 @@ class RayConfig(_Section):
     min_heads: int = Field(1, ge=1)  # quorum: a round merges if at least this many heads reported
     max_heads: int | None = Field(None, ge=1)  # cap on heads incl. joiners (default: no cap)
     round_timeout_s: float = Field(600.0, gt=0)  # later results are discarded (staleness 0)
+    start_grace_s: float = Field(30.0, ge=0)  # at start, how long to wait for heads beyond the quorum
     checkpoint_every: int = Field(1, ge=1)  # rounds
     max_delta_ratio: float | None = Field(5.0, gt=0)  # reject a head whose |D|_F > ratio * |W|_F
     max_failed_rounds: int = Field(10, ge=1)  # rounds in a row without quorum before giving up

@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# Local Ray clusters of the tests (and the processes they start) bind to 127.0.0.1 only; Ray
+# reads this when it is imported, so it is set before any test module imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from lte_ray.config import build_config
 
@@ -23,8 +29,8 @@ def ray_cluster():
     127.0.0.1. Yields the GCS address, for second processes to connect to."""
     import ray
 
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="lte-ray",
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="lte-ray", log_to_driver=False)
+    assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -38,7 +38,6 @@ from lte_ray.runtime.worker import head_actor
 
 log = logging.getLogger("lte_ray.coordinator")
 
-STARTUP_GRACE_S = 30.0  # how long the first round waits for initial heads beyond the quorum
 COUNTERS = ("bytes_up", "bytes_down", "heads_joined", "heads_lost", "heads_rejected", "late_results")
 
 
@@ -47,7 +46,6 @@ class Member:
     head_id: int
     handle: Any
     spawned: bool  # started by this coordinator (replaced when lost); joiners are not
-    initial: bool  # there from the start (not counted as joined)
     ready: Any = None  # ObjectRef of info() while the actor starts
     busy: Any = None  # ObjectRef of a late train_round still running
     info: dict | None = None
@@ -82,6 +80,7 @@ class Coordinator:
         self.members: dict[int, Member] = {}
         self.lock = threading.RLock()
         self.done = False
+        self.started = False  # has the first round begun?
 
     # --- queries, answered while run() works ------------------------------------------------
 
@@ -121,14 +120,14 @@ class Coordinator:
             cap = self.cfg.ray.max_heads
             if cap is not None and len(self.members) >= cap:
                 return f"the run is at ray.max_heads={cap}"
-            self.members[head_id] = Member(head_id, handle, spawned=False, initial=False, ready=handle.info.remote())
+            self.members[head_id] = Member(head_id, handle, spawned=False, ready=handle.info.remote())
             log.info("head %d asked to join; it takes part from the next round", head_id)
             return None
 
-    def _spawn(self, initial: bool = False) -> None:
+    def _spawn(self) -> None:
         hid = self.reserve_head_id()
         handle = head_actor(self.cfg, hid)
-        self.members[hid] = Member(hid, handle, spawned=True, initial=initial, ready=handle.info.remote())
+        self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
 
     def _lose(self, m: Member, why: str) -> None:
         log.warning("head %d lost (%s)", m.head_id, why)
@@ -165,7 +164,7 @@ class Coordinator:
                     break
                 if attr == "ready":
                     m.info = value
-                    if not m.initial:
+                    if self.started:  # admitted once training had begun: it joined mid-run
                         self.counters["heads_joined"] += 1
                         log.info("head %d joined at round %d", m.head_id, self.round + 1)
 
@@ -184,10 +183,13 @@ class Coordinator:
         cfg = self.cfg
         with self.lock:
             for _ in range(cfg.lte.heads):
-                self._spawn(initial=True)
+                self._spawn()
         # Start once a quorum is up; heads the cluster cannot fit yet join when it grows.
         self._wait(cfg.ray.min_heads, cfg.ray.round_timeout_s)
-        self._wait(cfg.lte.heads, STARTUP_GRACE_S)
+        self._wait(cfg.lte.heads, cfg.ray.start_grace_s)
+        with self.lock:
+            self._admit()
+            self.started = True
         failed = 0
         try:
             while self.round < cfg.rounds:

@@ -38,10 +38,10 @@ def connect(cfg: Config, address: str | None = None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"ray.address: cannot connect to Ray at {address!r}: {e}") from None
         return False
-    # A local cluster for this run: enough logical CPUs for every head, bound to loopback.
+    # A local cluster for this run, with enough logical CPUs for every head. (`lte-ray train`
+    # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported so it binds to 127.0.0.1.)
     cpus = max(os.cpu_count() or 1, math.ceil(cfg.lte.heads * cfg.ray.cpus_per_head))
-    ray.init(num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False)
     return True
 
 
