@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from lte_ray.errors import UserError
@@ -21,17 +22,8 @@ SHORT_FLAGS = {
 }
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model with LTE (or a baseline)",
-                       description="Train a model with LoRA-the-Explorer. With no --config: LTE on the digits "
-                                   "data set (shipped with scikit-learn) with a small ViT.")
-    p.add_argument("--backend", choices=["ray", "local"], default="ray",
-                   help="ray: one actor per head and a coordinator actor (default); "
-                        "local: every head in this process (core.simulate)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
-    p.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last checkpoint")
-    p.add_argument("--run-name", help="the run's name on the cluster, for `lte-ray join` (default: output folder name)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """The config flags `train` and `tune` share."""
     p.add_argument("--config", metavar="FILE", help="YAML config (see jobs/configs/)")
     p.add_argument("--output", metavar="DIR", help="output folder (default: runs/<method>-<time>)")
     p.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
@@ -46,8 +38,42 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="learning rate of the LoRA factors (train.lr)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with LTE (or a baseline)",
+                       description="Train a model with LoRA-the-Explorer. With no --config: LTE on the digits "
+                                   "data set (shipped with scikit-learn) with a small ViT.")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: one actor per head and a coordinator actor (default); "
+                        "local: every head in this process (core.simulate)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR from its last checkpoint")
+    p.add_argument("--run-name", help="the run's name on the cluster, for `lte-ray join` (default: output folder name)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
+    _config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)
+
+
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="sweep LTE settings with Ray Tune (grid or random, optional ASHA)",
+                       description="Sweep config fields with Ray Tune, e.g. --grid lte.rank=4,8 --grid lte.heads=2,4. "
+                                   "Each trial is one run on Ray in its own placement group and its own MLflow "
+                                   "child run; the ranking and best config go to OUTPUT/best_config.json.")
+    _config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="grid over these values")
+    p.add_argument("--choice", action="append", default=[], metavar="KEY=V1,V2", help="random choice")
+    p.add_argument("--loguniform", action="append", default=[], metavar="KEY=LO,HI")
+    p.add_argument("--uniform", action="append", default=[], metavar="KEY=LO,HI")
+    p.add_argument("--samples", type=int, default=1, help="random draws (with --grid: repeats of the grid)")
+    p.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on the eval metric)")
+    p.add_argument("--metric", help="default: eval_accuracy (images), eval_loss (text)")
+    p.add_argument("--mode", choices=["max", "min"])
+    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0: as fit)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<output>/mlflow.db)")
+    p.set_defaults(func=cmd_tune, resume=None)
 
 
 def _join_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with many parallel low-rank heads.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _tune_parser(sub)
     _join_parser(sub)
     return parser
 
@@ -107,10 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("lte-ray: the full-rank baseline is one worker with no heads; it runs in this process",
               file=sys.stderr)
         args.backend = "local"
-    if args.backend == "ray" and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        # We will start a local cluster: keep it on 127.0.0.1 (Ray otherwise binds to the routable
-        # address). Read by Ray at import, so it is set before lte_ray.runtime imports ray.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if args.backend == "ray":
+        _loopback_if_local(cfg)
     if args.resume and args.backend != "ray":
         raise UserError("--resume: only --backend ray writes checkpoints")
     out = RunOutput(cfg, resume=bool(args.resume))
@@ -163,6 +188,44 @@ def cmd_train(args: argparse.Namespace) -> int:
                                       mlflow_uri=tracker.uri), result.state)
     tracker.finish(out.dir, summary)
     stdout_console().print(summary_table(summary))
+    return 0
+
+
+def _loopback_if_local(cfg) -> None:
+    """If we are about to start a local cluster, keep it on 127.0.0.1 (Ray otherwise binds to the
+    routable address). Ray reads this at import, so it is set before anything imports ray."""
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if cfg.method == "full":
+        raise UserError("method: tune sweeps LTE runs on Ray; full-rank has no heads to place")
+    output = cfg.output or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    _loopback_if_local(cfg)
+    from lte_ray import tune as sweeps
+    from lte_ray.progress import stdout_console
+    from lte_ray.runtime.launch import connect
+
+    sweeps.check_space(cfg, args.grid, args.choice)
+    space = sweeps.parse_space(args.grid, args.choice, args.loguniform, args.uniform)
+    started = connect(cfg)
+    try:
+        report = sweeps.sweep(cfg, space, output=output, samples=args.samples, asha=args.asha, metric=args.metric,
+                              mode=args.mode, max_concurrent=args.max_concurrent)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    stdout_console().print(sweeps.ranking_table(report))
+    best = report["best"]
+    if best is None:
+        print("lte-ray: every trial failed; see the table above", file=sys.stderr)
+        return 1
+    print(f"best: {best['trial_id']} {best['params']} {report['metric']}={best[report['metric']]:.4f}; "
+          f"written to {output}/best_config.json", file=sys.stderr)
     return 0
 
 

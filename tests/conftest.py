@@ -29,7 +29,8 @@ def ray_cluster():
     127.0.0.1. Yields the GCS address, for second processes to connect to."""
     import ray
 
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="lte-ray", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, namespace="lte-ray",
+             log_to_driver=False)
     assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
     try:
         yield ray.get_runtime_context().gcs_address

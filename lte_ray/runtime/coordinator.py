@@ -24,6 +24,7 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lte_ray.checkpoint import load_checkpoint, save_checkpoint
 from lte_ray.config import Config
@@ -58,11 +59,14 @@ class Member:
 
 class Coordinator:
     def __init__(self, cfg: dict[str, Any], run_name: str, output_dir: str, mlflow_run_id: str | None = None,
-                 resume: bool = False):
+                 resume: bool = False, placement_group: Any = None):
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         torch.set_num_threads(1)
         self.cfg = Config.model_validate(cfg)
         self.run_name, self.output_dir, self.mlflow_run_id = run_name, output_dir, mlflow_run_id
+        # Inside a Tune trial every head (replacements too) goes into the trial's placement group.
+        self.head_options = ({"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
+                             if placement_group is not None else {})
         self.data = load_data(self.cfg.data, self.cfg.model)
         use_cuda = self.cfg.ray.coordinator_gpus > 0 and torch.cuda.is_available()
         self.master = MasterWeights(self.cfg, self.data, "cuda" if use_cuda else "cpu")
@@ -126,7 +130,7 @@ class Coordinator:
 
     def _spawn(self) -> None:
         hid = self.reserve_head_id()
-        handle = head_actor(self.cfg, hid)
+        handle = head_actor(self.cfg, hid, **self.head_options)
         self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
 
     def _lose(self, m: Member, why: str) -> None:

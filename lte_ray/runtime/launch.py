@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from lte_ray.config import Config
 from lte_ray.core.simulate import RunResult, as_lte
@@ -41,7 +41,7 @@ def connect(cfg: Config, address: str | None = None) -> bool:
     # A local cluster for this run, with enough logical CPUs for every head. (`lte-ray train`
     # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported so it binds to 127.0.0.1.)
     cpus = max(os.cpu_count() or 1, math.ceil(cfg.lte.heads * cfg.ray.cpus_per_head))
-    ray.init(num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False)
     return True
 
 
@@ -52,7 +52,10 @@ def _unwrap(e: RayTaskError) -> BaseException:
 
 
 def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[dict[str, Any]], None] | None = None,
-          mlflow_run_id: str | None = None, resume: bool = False, address: str | None = None) -> RunResult:
+          mlflow_run_id: str | None = None, resume: bool = False, address: str | None = None,
+          placement_group: Any = None) -> RunResult:
+    """Run `cfg` on Ray. With `placement_group` (a Tune trial's), the coordinator takes its first
+    bundle and every head is scheduled inside it."""
     if cfg.method == "full":
         raise UserError("method: full-rank training has no heads; run it with --backend local")
     run_cfg = as_lte(cfg)  # the LoRA baselines are LTE special cases (one head)
@@ -65,12 +68,14 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[di
                             f"{cfg.ray.namespace!r}")
         except ValueError:
             pass
-        here = ray.get_runtime_context().get_node_id()
+        if placement_group is not None:  # bundle 0 is the trial's own, on this node
+            where = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
+        else:  # on this node, so checkpoints land in this output folder
+            where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         coord = ray.remote(Coordinator).options(
             name=run_name, namespace=cfg.ray.namespace, num_cpus=0, num_gpus=cfg.ray.coordinator_gpus,
-            max_concurrency=8, max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(run_cfg.to_dict(), run_name, os.path.abspath(output_dir), mlflow_run_id, resume)
+            max_concurrency=8, max_restarts=0, scheduling_strategy=where,
+        ).remote(run_cfg.to_dict(), run_name, os.path.abspath(output_dir), mlflow_run_id, resume, placement_group)
         run_ref = coord.run.remote()
         seen = 0
         while True:

@@ -1,0 +1,207 @@
+"""Ray Tune sweeps over LTE settings (rank x heads, and merge_every, alpha, lr where asked).
+
+* Each trial reserves its coordinator and all its heads as one placement group
+  (`tune.PlacementGroupFactory`): bundle 0 for the trial driver and coordinator, one bundle per
+  head. A trial starts only when all of it fits, so trials never deadlock each other on a small
+  cluster, and heads the coordinator starts later (replacements) go into the same group.
+* Trials report every evaluation (`eval_*`, `train_loss`, `round`); ASHA can stop poor ones early.
+* MLflow: the sweep is a parent run; every trial is a child run, logged from the driver (one
+  writer for the store). At the end a table ranks the trials; `best_config.json` names the best.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from lte_ray.config import Config, ConfigError
+from lte_ray.tracking import Tracker
+
+TRIAL_DRIVER_CPUS = 0.5  # the trial's own process; the coordinator shares its bundle (num_cpus=0)
+
+
+def metric_for(cfg: Config) -> tuple[str, str]:
+    return ("eval_loss", "min") if cfg.data.name == "text" else ("eval_accuracy", "max")
+
+
+def parse_space(grid: list[str], choice: list[str], loguniform: list[str], uniform: list[str]) -> dict[str, Any]:
+    """`KEY=V1,V2,...` items -> a Tune search space over dotted config keys."""
+    import yaml
+    space: dict[str, Any] = {}
+
+    def split(item: str, flag: str) -> tuple[str, list[Any]]:
+        key, sep, raw = item.partition("=")
+        if not sep or not raw:
+            raise ConfigError(f"{flag} {item}: expected section.key=V1,V2,...")
+        return key.strip(), [yaml.safe_load(v) for v in raw.split(",")]
+
+    for item in grid:
+        key, values = split(item, "--grid")
+        space[key] = tune.grid_search(values)
+    for item in choice:
+        key, values = split(item, "--choice")
+        space[key] = tune.choice(values)
+    for flag, items, make in (("--loguniform", loguniform, tune.loguniform), ("--uniform", uniform, tune.uniform)):
+        for item in items:
+            key, values = split(item, flag)
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise ConfigError(f"{flag} {item}: expected section.key=LOW,HIGH with LOW < HIGH")
+            space[key] = make(float(values[0]), float(values[1]))
+    if not space:
+        raise ConfigError("tune: nothing to sweep; give --grid, --choice, --loguniform or --uniform")
+    return space
+
+
+def check_space(base: Config, grid: list[str], choice: list[str]) -> None:
+    """Every listed value must make a valid config: fail before any trial starts."""
+    import yaml
+
+    for item in grid + choice:
+        key, _, raw = item.partition("=")
+        for value in raw.split(","):
+            base.replace({key.strip(): yaml.safe_load(value)})
+    if grid:  # combinations too (e.g. min_heads against heads)
+        axes = [(k.strip(), [yaml.safe_load(v) for v in raw.split(",")]) for k, _, raw in (g.partition("=") for g in grid)]
+        for combo in itertools.product(*[vals for _, vals in axes]):
+            base.replace({k: v for (k, _), v in zip(axes, combo)})
+
+
+def trial_resources(base: dict[str, Any]):
+    """Placement group of one trial: its driver + coordinator, then one bundle per head."""
+    def resources(params: dict[str, Any]):
+        cfg = Config.model_validate(base).replace(params)
+        head = {"CPU": cfg.ray.cpus_per_head}
+        if cfg.ray.gpus_per_head:
+            head["GPU"] = cfg.ray.gpus_per_head
+        heads = 1 if cfg.method in ("lora", "lora-merge") else cfg.lte.heads
+        first = {"CPU": TRIAL_DRIVER_CPUS}
+        if cfg.ray.coordinator_gpus:
+            first["GPU"] = cfg.ray.coordinator_gpus
+        return tune.PlacementGroupFactory([first] + [dict(head) for _ in range(heads)])
+
+    return resources
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
+    """A Tune function trainable: one LTE run on Ray, inside the trial's placement group."""
+    from ray.util import get_current_placement_group
+
+    from lte_ray.outputs import RunOutput, make_summary
+    from lte_ray.runtime.launch import train
+
+    ctx = tune.get_context()
+    name = f"{sweep}-{ctx.get_trial_id()}"
+    cfg = Config.model_validate(base).replace({**params, "output": ctx.get_trial_dir(), "ray.run_name": name})
+    out = RunOutput(cfg)
+
+    def on_round(rec: dict[str, Any]) -> None:
+        out.record(rec)
+        if "eval_loss" in rec:
+            tune.report({k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    result = train(cfg, run_name=name, output_dir=str(out.dir), on_round=on_round,
+                   placement_group=get_current_placement_group())
+    out.finish(make_summary(cfg, method=result.method, rounds=result.rounds, heads=result.heads,
+                            samples_seen=result.samples_seen, wall_seconds=result.wall_seconds,
+                            final=result.final, **result.extra), result.state)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "sweep"
+
+
+def sweep(base: Config, space: dict[str, Any], *, output: str, samples: int = 1, asha: bool = False,
+          metric: str | None = None, mode: str | None = None, max_concurrent: int = 0) -> dict[str, Any]:
+    """Run the sweep on the connected Ray cluster; returns the ranking and the best trial."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from lte_ray.checkpoint import write_json
+
+    default_metric, default_mode = metric_for(base)
+    metric, mode = metric or default_metric, mode or default_mode
+    sweep_dir = Path(output).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    name = _slug(sweep_dir.name)
+    parent = Tracker(base, sweep_dir, run_name=f"sweep {name}", backend="ray-tune")
+    callback = _MlflowTrials(base, sweep_dir, parent.run_id)
+    scheduler = (ASHAScheduler(time_attr="round", max_t=base.rounds,
+                               grace_period=min(base.rounds, 2 * base.train.eval_every)) if asha else None)
+    base_dict = base.to_dict()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base_dict, sweep=name),
+                                    trial_resources(base_dict))
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=scheduler,
+                                    max_concurrent_trials=max_concurrent or None),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=[callback], verbose=0),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        parent.finish(sweep_dir, None, status="FAILED")
+        raise
+    trials = []
+    for res in grid:
+        row = {"trial_id": res.metrics.get("trial_id"), "params": {k: res.config[k] for k in space},
+               metric: res.metrics.get(metric), "round": res.metrics.get("round"),
+               "error": str(res.error).splitlines()[0] if res.error else None}
+        trials.append(row)
+    ok = [t for t in trials if isinstance(t[metric], (int, float)) and not math.isnan(t[metric])]
+    ok.sort(key=lambda t: t[metric], reverse=mode == "max")
+    ranked = ok + [t for t in trials if t not in ok]
+    best = ok[0] if ok else None
+    report = {"metric": metric, "mode": mode, "trials": ranked, "best": best,
+              "best_config": base.replace(best["params"]).to_dict() if best else None,
+              "mlflow_uri": parent.uri, "mlflow_parent_run_id": parent.run_id}
+    write_json(sweep_dir / "best_config.json", report)
+    parent.client.set_tag(parent.run_id, "best_trial", best["trial_id"] if best else "none")
+    parent.finish(sweep_dir, None, status="FINISHED" if best else "FAILED")
+    return report
+
+
+class _MlflowTrials(tune.Callback):
+    """In the driver: each trial is an MLflow child run of the sweep's run."""
+
+    def __init__(self, base: Config, sweep_dir: Path, parent_run_id: str):
+        self.base, self.sweep_dir, self.parent = base, sweep_dir, parent_run_id
+        self.trackers: dict[str, Tracker] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = self.base.replace(dict(trial.config))
+        self.trackers[trial.trial_id] = Tracker(cfg, self.sweep_dir, run_name=trial.trial_id,
+                                                parent_run_id=self.parent, backend="ray-tune")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id in self.trackers and "round" in result:
+            self.trackers[trial.trial_id].log_round(result)
+
+    def _end(self, trial, status: str) -> None:
+        tracker = self.trackers.pop(trial.trial_id, None)
+        if tracker:
+            tracker.finish(self.sweep_dir, None, status=status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+
+def ranking_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    metric = report["metric"]
+    table = Table(title=f"lte-ray tune: trials ranked by {metric} ({report['mode']})")
+    keys = list(report["trials"][0]["params"]) if report["trials"] else []
+    for col in ["#", "trial", *keys, metric, "rounds", "error"]:
+        table.add_column(col)
+    for i, t in enumerate(report["trials"], 1):
+        value = t[metric]
+        table.add_row(str(i), str(t["trial_id"]), *[str(t["params"][k]) for k in keys],
+                      f"{value:.4f}" if isinstance(value, float) else str(value), str(t["round"]), t["error"] or "")
+    return table
