@@ -40,9 +40,11 @@ def ray_cluster():
 
 @pytest.fixture
 def ray_cfg(tiny_cfg):
-    """tiny_cfg with actors sized for 2 cores."""
+    """tiny_cfg with actors sized for 2 cores; the first round waits for every head to start
+    (on a loaded machine a head can take longer than the default grace, and tests that compare
+    exact results need all heads in every round)."""
 
     def make(**overrides):
-        return tiny_cfg(**{"ray.cpus_per_head": 0.5, **overrides})
+        return tiny_cfg(**{"ray.cpus_per_head": 0.5, "ray.start_grace_s": 600, **overrides})
 
     return make

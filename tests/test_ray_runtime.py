@@ -120,7 +120,8 @@ def test_sigkill_of_a_head_mid_round(ray_cluster, tmp_path):
 def test_lte_ray_join_from_a_second_process(ray_cluster, tmp_path):
     from lte_ray.config import build_config
 
-    cfg = build_config({}, {"ray.cpus_per_head": 0.5, "lte.heads": 2, "train.rounds": 40, "lte.quant": "nf4"})
+    cfg = build_config({}, {"ray.cpus_per_head": 0.5, "ray.start_grace_s": 600, "lte.heads": 2, "train.rounds": 40,
+                            "lte.quant": "nf4"})
     name, records, box = _name(), [], {}
     runner = threading.Thread(target=lambda: box.setdefault("result", train(
         cfg, run_name=name, output_dir=str(tmp_path), on_round=records.append)))
@@ -148,7 +149,7 @@ def test_resume_after_killing_driver_and_coordinator(ray_cluster, tmp_path):
     rounds = 30
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     cmd = [sys.executable, "-m", "lte_ray.cli", "train", "--quiet", "--address", ray_cluster, "--output", str(out),
-           "--rounds", str(rounds), "--set", "ray.cpus_per_head=0.5"]
+           "--rounds", str(rounds), "--set", "ray.cpus_per_head=0.5", "--set", "ray.start_grace_s=600"]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -197,7 +198,8 @@ def test_default_train_on_ray_reaches_90_percent_and_logs_to_mlflow(ray_cluster,
     from lte_ray.cli import main
 
     out = tmp_path / "default"
-    assert main(["train", "--quiet", "--output", str(out), "--set", "ray.cpus_per_head=0.5"]) == 0
+    assert main(["train", "--quiet", "--output", str(out), "--set", "ray.cpus_per_head=0.5",
+                 "--set", "ray.start_grace_s=600"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     print(f"\nRay, nf4: accuracy {summary['eval_accuracy']:.4f} in {summary['wall_seconds']:.0f}s; "
           f"down {summary['bytes_down']:,} B, up {summary['bytes_up']:,} B")

@@ -185,17 +185,17 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        with self.lock:
-            for _ in range(cfg.lte.heads):
-                self._spawn()
-        # Start once a quorum is up; heads the cluster cannot fit yet join when it grows.
-        self._wait(cfg.ray.min_heads, cfg.ray.round_timeout_s)
-        self._wait(cfg.lte.heads, cfg.ray.start_grace_s)
-        with self.lock:
-            self._admit()
-            self.started = True
         failed = 0
-        try:
+        try:  # whatever happens, the heads this coordinator started are stopped at the end
+            with self.lock:
+                for _ in range(cfg.lte.heads):
+                    self._spawn()
+            # Start once a quorum is up; heads the cluster cannot fit yet join when it grows.
+            self._wait(cfg.ray.min_heads, cfg.ray.round_timeout_s)
+            self._wait(cfg.lte.heads, cfg.ray.start_grace_s)
+            with self.lock:
+                self._admit()
+                self.started = True
             while self.round < cfg.rounds:
                 with self.lock:
                     self._admit()
