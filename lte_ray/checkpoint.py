@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def _atomic(path: Path, write) -> None:
@@ -38,10 +38,6 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 def save_weights(path: str | os.PathLike[str], state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 CHECKPOINT = "checkpoint.safetensors"

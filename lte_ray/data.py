@@ -108,13 +108,6 @@ class BatchStream:
         idx, self._perm = self._perm[: self.batch_size], self._perm[self.batch_size:]
         return idx
 
-    def state(self) -> dict:
-        return {"gen": self.gen.get_state(), "perm": self._perm.clone()}
-
-    def load_state(self, state: dict) -> None:
-        self.gen.set_state(state["gen"])
-        self._perm = state["perm"]
-
 
 def batch_stream(data: DataBundle, batch_size: int, seed: int) -> BatchStream:
     return BatchStream(len(data.train), batch_size, seed, with_replacement=data.spec.task == "lm")

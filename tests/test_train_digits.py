@@ -1,5 +1,5 @@
-"""Real learning: the default `lte-ray train` (LTE, 4 heads, merge every 10 steps, small ViT)
-reaches >= 90% test accuracy on digits; the full-rank baseline with the same sample budget is
+"""Real learning: the default experiment in-process (`lte-ray train --backend local`: LTE, 4 heads,
+merge every 10 steps, small ViT) reaches >= 90% test accuracy on digits; the full-rank baseline with the same sample budget is
 run and reported beside it."""
 
 import json
@@ -11,9 +11,9 @@ from lte_ray.cli import main
 
 @pytest.mark.slow
 def test_default_lte_reaches_90_percent_and_full_rank_is_reported(tmp_path, capsys):
-    assert main(["train", "--output", str(tmp_path / "lte")]) == 0
+    assert main(["train", "--backend", "local", "--output", str(tmp_path / "lte")]) == 0
     lte = json.loads((tmp_path / "lte" / "summary.json").read_text())
-    assert main(["train", "--method", "full", "--output", str(tmp_path / "full")]) == 0
+    assert main(["train", "--backend", "local", "--method", "full", "--output", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     with capsys.disabled():
         print(f"\ndigits, {lte['samples_seen']} samples: LTE x{lte['heads']} acc {lte['eval_accuracy']:.4f} "

@@ -67,7 +67,6 @@ def torch_threads(cpus: float) -> int:
 
 def head_actor(cfg: Config, head_id: int, **options: Any):
     """Create a HeadWorker actor with the config's resources (plus any Ray actor options)."""
-    opts = {"num_cpus": cfg.ray.cpus_per_head, "num_gpus": cfg.ray.gpus_per_head, "max_restarts": 0,
-            "name": None, **options}
+    opts = {"num_cpus": cfg.ray.cpus_per_head, "num_gpus": cfg.ray.gpus_per_head, "max_restarts": 0, **options}
     actor_cls = ray.remote(HeadWorker)
     return actor_cls.options(**opts).remote(cfg.to_dict(), head_id, torch_threads(cfg.ray.cpus_per_head))
