@@ -227,3 +227,17 @@ def test_default_train_on_ray_reaches_90_percent_and_logs_to_mlflow(ray_cluster,
     from safetensors.torch import load_file
 
     assert set(load_file(local)) == set(load_file(out / "model.safetensors"))
+
+
+def test_a_run_name_already_in_use_is_a_clear_error(ray_cluster, ray_cfg, tmp_path):
+    from ray.util.queue import Queue
+
+    from lte_ray.errors import UserError
+
+    name = _name()
+    taken = Queue(actor_options={"name": name, "namespace": "lte-ray"})  # any named actor holds the name
+    try:
+        with pytest.raises(UserError, match=f"a run named '{name}' is already running"):
+            train(ray_cfg(), run_name=name, output_dir=str(tmp_path))
+    finally:
+        taken.shutdown()

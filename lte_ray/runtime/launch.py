@@ -51,6 +51,14 @@ def _unwrap(e: RayTaskError) -> BaseException:
     return cause if isinstance(cause, UserError) else e
 
 
+def _named_actor_exists(name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=namespace)
+        return True
+    except ValueError:
+        return False
+
+
 def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[dict[str, Any]], None] | None = None,
           mlflow_run_id: str | None = None, resume: bool = False, address: str | None = None,
           placement_group: Any = None) -> RunResult:
@@ -62,12 +70,9 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[di
     started_local = connect(cfg, address)
     coord = None
     try:
-        try:
-            ray.get_actor(run_name, namespace=cfg.ray.namespace)
+        if _named_actor_exists(run_name, cfg.ray.namespace):
             raise UserError(f"ray.run_name: a run named {run_name!r} is already running in namespace "
                             f"{cfg.ray.namespace!r}")
-        except ValueError:
-            pass
         if placement_group is not None:  # bundle 0 is the trial's own, on this node
             where = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
         else:  # on this node, so checkpoints land in this output folder
