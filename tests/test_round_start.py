@@ -78,3 +78,14 @@ def test_reset_mode_reinitializes_factors_each_round(tiny_cfg):
     for layer in lte_layers(head.model).values():
         assert torch.count_nonzero(layer.lora_B) == 0
         assert not head.opt.state.get(layer.lora_A)
+
+
+def test_first_round_payload_reuses_the_rounds_quantized_weights(tiny_cfg):
+    cfg = tiny_cfg(**{"lte.quant": "nf4", "lte.replicas": "frozen"})
+    master = MasterWeights(cfg, load_data(cfg.data, cfg.model))
+    payload = master.broadcast()
+    full = master.with_replicas(payload)
+    assert not payload["full"] and full["full"] and full["quantized"] is payload["quantized"]
+    restored = quant.unpack(full)
+    assert set(restored) == set(master.state)
+    assert all(torch.equal(restored[k], master.state[k]) for k in master.state if k not in master.quant_keys)

@@ -36,10 +36,17 @@ class MasterWeights:
         they are averaged (they change) or when `full` (a head's first round; frozen replicas
         never change, so they travel only then)."""
         if full or self.cfg.lte.replicas == "average":
-            state, full = self.state, True
-        else:
-            state = {k: self.state[k] for k in self.quant_keys}
-        return {**quant.pack(state, self.quant_keys, self.cfg.lte.quant), "full": full}
+            return {**quant.pack(self.state, self.quant_keys, self.cfg.lte.quant), "full": True}
+        main = {k: self.state[k] for k in self.quant_keys}
+        return {**quant.pack(main, self.quant_keys, self.cfg.lte.quant), "full": False}
+
+    def with_replicas(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """`payload` completed for a head's first round: the same Q(W), plus every other tensor in
+        fp32 (no second quantization of the same weights)."""
+        if payload["full"]:
+            return payload
+        rest = {k: v for k, v in self.state.items() if k not in self.quant_keys}
+        return {**payload, "plain": {**payload["plain"], **rest}, "full": True}
 
     def merge(self, results: list[HeadResult]) -> None:
         self.state = merge.merge_round(self.state, [r.factors for r in results], [r.replicas for r in results])

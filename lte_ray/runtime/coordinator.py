@@ -235,7 +235,7 @@ class Coordinator:
         ref = ray.put(payload)  # once per round: every head on a node reads the same object
         # A head's first round needs the full state (frozen replicas travel only then).
         new = [m for m in active if not m.initialized]
-        full = payload if payload["full"] or not new else self.master.broadcast(full=True)
+        full = self.master.with_replicas(payload) if new else payload
         full_ref = ref if full is payload else ray.put(full)
         futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref): m for m in active}
         ready, late = ray.wait(list(futures), num_returns=len(futures), timeout=cfg.ray.round_timeout_s)
