@@ -1,4 +1,4 @@
-"""`lte-ray train` (and, as they land, `tune | eval | bench | join`).
+"""`lte-ray train | tune | join | bench`.
 
 User mistakes print one line `lte-ray: error: ...` and exit with code 2, without a traceback.
 """
@@ -28,7 +28,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="DIR", help="output folder (default: runs/<method>-<time>)")
     p.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
                    help="override any config field, e.g. --set lte.rank=16 (repeatable)")
-    p.add_argument("--method", choices=["lte", "full", "lora", "lora-merge"])
+    p.add_argument("--method", choices=["lte", "full", "lora", "lora-merge", "galore"])
     p.add_argument("--heads", type=int, help="number of LoRA heads (lte.heads)")
     p.add_argument("--rank", type=int, help="LoRA rank (lte.rank)")
     p.add_argument("--alpha", type=float, help="LoRA alpha; scaling is alpha/rank (lte.alpha)")
@@ -86,6 +86,45 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_join)
 
 
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: quality (LTE vs baselines) and system (time, bytes, memory)")
+    kinds = p.add_subparsers(dest="bench", required=True)
+    q = kinds.add_parser("quality", help="LTE against full-rank, LoRA, LoRA-merge and GaLore on digits and text",
+                         description="Train every setting on digits (ViT) and Shakespeare (char-level GPT) with "
+                                     "the same sample budget and evaluation points, over several seeds; write "
+                                     "quality.json, quality.md and quality.png. Defaults take about 20 minutes on "
+                                     "2 CPU cores.")
+    q.add_argument("--datasets", type=_csv, help="comma-separated: digits,shakespeare (default: both)")
+    q.add_argument("--methods", type=_csv, help="comma-separated setting keys (default: all; see docs/benchmarks.md)")
+    q.add_argument("--seeds", type=int, help="seeds per setting (default: 3 on digits, 2 on shakespeare)")
+    q.add_argument("--samples", type=int, help="sample budget per run (default: 76800 digits, 25600 shakespeare)")
+    q.add_argument("--evals", type=int, help="evaluation points per run (default: 15 digits, 10 shakespeare)")
+    q.add_argument("--budget-factor", type=int, default=1,
+                   help="give every setting but full-rank this many times the budget, to measure how many "
+                        "samples it needs to reach full-rank (default: 1, the same budget)")
+    q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (default: 2)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    q.add_argument("--output", default=None, help="folder (default: runs/bench-quality-<time>)")
+    q.set_defaults(func=cmd_bench_quality)
+    y = kinds.add_parser("system", help="where a Ray run's time, bytes and memory go",
+                         description="Run the default config on Ray and split each round's wall time (head "
+                                     "compute, quantize, transfer, merge, eval); compare its traffic with "
+                                     "data-parallel all-reduce; measure one head's memory with fp32/int8/nf4 "
+                                     "base weights against a full-rank AdamW worker; and compare samples per "
+                                     "second on Ray with core.simulate. Writes system.json and system.md.")
+    y.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in digits config)")
+    y.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
+                   help="override any config field, e.g. --set train.rounds=20 (repeatable)")
+    y.add_argument("--rounds", type=int, help="rounds of the timed runs (default: the config's, 60 by default)")
+    y.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    y.add_argument("--output", default=None, help="folder (default: runs/bench-system-<time>)")
+    y.set_defaults(func=cmd_bench_system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lte-ray", description="LoRA-the-Explorer on Ray: train from scratch "
                                      "with many parallel low-rank heads.")
@@ -93,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _tune_parser(sub)
     _join_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -130,8 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lte_ray.tracking import Tracker
 
     cfg = config_from_args(args)
-    if cfg.method == "full" and args.backend == "ray":
-        print("lte-ray: the full-rank baseline is one worker with no heads; it runs in this process",
+    if cfg.method in ("full", "galore") and args.backend == "ray":
+        print(f"lte-ray: the {cfg.method} baseline is one worker with no heads; it runs in this process",
               file=sys.stderr)
         args.backend = "local"
     if args.backend == "ray":
@@ -200,8 +240,8 @@ def _loopback_if_local(cfg) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg.method == "full":
-        raise UserError("method: tune sweeps LTE runs on Ray; full-rank has no heads to place")
+    if cfg.method in ("full", "galore"):
+        raise UserError(f"method: tune sweeps LTE runs on Ray; {cfg.method} has no heads to place")
     output = cfg.output or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     _loopback_if_local(cfg)
     from lte_ray import tune as sweeps
@@ -243,6 +283,44 @@ def cmd_join(args: argparse.Namespace) -> int:
         print("lte-ray: head withdrawn", file=sys.stderr)
         return 130
     print(f"run {args.run!r} ended; head {status['head_id']} took part", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from lte_ray.bench.quality import bench_quality, markdown, problems
+
+    for name in ("seeds", "samples", "evals", "jobs", "budget_factor"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(args, name)})")
+    output = args.output or f"runs/bench-quality-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = bench_quality(output, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
+                           samples=args.samples, evals=args.evals, jobs=args.jobs, device=args.device,
+                           budget_factor=args.budget_factor)
+    print(markdown(report))
+    print(f"written: {output}/quality.json, quality.md, quality.png", file=sys.stderr)
+    bad = problems(report)
+    if bad:
+        print(f"lte-ray: bench quality: {'; '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench_system(args: argparse.Namespace) -> int:
+    from lte_ray.bench.system import bench_system, markdown
+    from lte_ray.config import load_config, parse_set
+
+    overrides = parse_set(args.sets)
+    overrides.update({k: v for k, v in (("train.rounds", args.rounds), ("ray.address", args.address)) if v is not None})
+    cfg = load_config(args.config, overrides)
+    if cfg.rounds < 2:
+        raise UserError(f"train.rounds: bench system needs at least 2 rounds (got {cfg.rounds})")
+    if cfg.method != "lte":
+        raise UserError(f"method: bench system measures LTE runs (got {cfg.method})")
+    _loopback_if_local(cfg)
+    output = args.output or f"runs/bench-system-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = bench_system(cfg, output)
+    print(markdown(report))
+    print(f"written: {output}/system.json, system.md", file=sys.stderr)
     return 0
 
 

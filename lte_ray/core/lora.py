@@ -28,6 +28,20 @@ from lte_ray.errors import UserError
 LORA_KEYS = ("lora_A", "lora_B", "lora_A_prev", "lora_B_prev")
 
 
+class _PackedLinear(torch.autograd.Function):
+    """x @ dequant(W)^T that keeps only the packed W: the fp32 weight is rebuilt in forward and
+    again in backward (for the input gradient), never held between them (as QLoRA does)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed) -> torch.Tensor:  # type: ignore[override]
+        ctx.packed = packed
+        return F.linear(x, packed.dequantize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad @ ctx.packed.dequantize().to(grad.dtype), None
+
+
 class LTELinear(nn.Module):
     """A `nn.Linear` whose weight is frozen and moves only through merged LoRA deltas."""
 
@@ -42,6 +56,12 @@ class LTELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
         self.register_buffer("lora_A_prev", torch.zeros_like(self.lora_A))
         self.register_buffer("lora_B_prev", torch.zeros_like(self.lora_B))
+        self.packed = None  # a quant.PackedWeight when the head keeps W quantized (lte.keep_quantized)
+
+    def set_packed(self, packed) -> None:
+        """Compute with this packed main weight from now on, and free the fp32 one."""
+        self.packed = packed
+        self.weight = None
 
     @torch.no_grad()
     def init_factors(self, generator: torch.Generator | None = None) -> None:
@@ -58,7 +78,11 @@ class LTELinear(nn.Module):
         self.lora_B_prev.copy_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            y = _PackedLinear.apply(x, self.packed)
+            y = y + self.bias if self.bias is not None else y
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.resetless:
             a = torch.cat([self.lora_A, self.lora_A_prev])
             b = torch.cat([self.lora_B, -self.lora_B_prev], dim=1)
@@ -140,10 +164,18 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not is_lora_key(k)}
 
 
-def load_shared_state(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+def load_shared_state(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False,
+                      packed: dict | None = None) -> None:
     """Load main weights + replicas; with `partial`, only the keys given (e.g. frozen replicas
-    were loaded before and did not travel again)."""
+    were loaded before and did not travel again). Main weights in `packed` (key ->
+    quant.PackedWeight) stay packed in their layers instead."""
+    packed = packed or {}
+    for key, weight in packed.items():
+        layer = model.get_submodule(key.rpartition(".")[0])
+        if not isinstance(layer, LTELinear):
+            raise KeyError(f"{key}: only LTE layers can keep a packed weight")
+        layer.set_packed(weight)
     result = model.load_state_dict(state, strict=False)
-    missing = [] if partial else [k for k in result.missing_keys if not is_lora_key(k)]
+    missing = [] if partial else [k for k in result.missing_keys if not is_lora_key(k) and k not in packed]
     if missing or result.unexpected_keys:
         raise KeyError(f"state does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -8,6 +8,9 @@ and the baselines a user compares against, under the same data, evaluation and s
               every merge: ReLoRA-style, each merge adds a new rank-r update.
 * full:       full-rank training of all weights with batch N*b and lr `train.full_lr`
               (default s * lr: under Adam the main weights of LTE move about s * lr per step).
+* galore:     full-rank training as above, but the targeted weight matrices' gradients are
+              projected to rank r by GaLore (galore-torch's GaLoreAdamW), the projection refreshed
+              every T steps and scale 1, so the step size is the full-rank one.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class History:
 def simulate(cfg: Config, on_round: RoundCallback | None = None, data: DataBundle | None = None) -> RunResult:
     """Run `cfg` (any method) in this process and return the final metrics and weights."""
     data = data if data is not None else load_data(cfg.data, cfg.model)
-    if cfg.method == "full":
+    if cfg.method in ("full", "galore"):
         return _full_rank(cfg, data, on_round)
     run_cfg = as_lte(cfg)
     device = resolve_device(cfg.train.device)
@@ -113,7 +116,10 @@ def _full_rank(cfg: Config, data: DataBundle, on_round: RoundCallback | None) ->
     batch = cfg.train.batch_size * cfg.lte.heads
     stream = batch_stream(data, batch, cfg.train.seed)
     lr = cfg.train.full_lr or cfg.lte.scaling * cfg.train.lr
-    opt = make_optimizer(model.parameters(), cfg.train.optimizer, lr, cfg.train.weight_decay)
+    if cfg.method == "galore":
+        opt = _galore_optimizer(model, cfg, lr)
+    else:
+        opt = make_optimizer(model.parameters(), cfg.train.optimizer, lr, cfg.train.weight_decay)
     lr_at = lr_schedule(cfg, lr)
     history = History(cfg, on_round)
     t = cfg.lte.merge_every
@@ -122,5 +128,22 @@ def _full_rank(cfg: Config, data: DataBundle, on_round: RoundCallback | None) ->
         evals = evaluate(model, data.test, data.spec.task, device) if history.eval_due(r) else None
         history.add(r, t * batch, {0: loss}, evals, active_heads=1)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return RunResult("full", cfg.rounds, 1, history.samples_seen, time.perf_counter() - history.start,
+    return RunResult(cfg.method, cfg.rounds, 1, history.samples_seen, time.perf_counter() - history.start,
                      history.last_eval(), history.records, state)
+
+
+def _galore_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    import warnings
+
+    from galore_torch import GaLoreAdamW
+
+    from lte_ray.core.lora import main_weight_keys
+
+    projected = set(main_weight_keys(model, cfg.lte.targets))
+    params = dict(model.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if n not in projected]},
+              {"params": [p for n, p in params.items() if n in projected], "rank": cfg.lte.rank,
+               "update_proj_gap": cfg.lte.merge_every, "scale": 1.0, "proj_type": "std"}]
+    with warnings.catch_warnings():  # its AdamW (from transformers) warns that it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.train.weight_decay)

@@ -275,15 +275,20 @@ class Coordinator:
         t1 = time.perf_counter()
         self.master.merge(results)
         t_merge = time.perf_counter() - t1
+        t2 = time.perf_counter()
         evals = self.master.evaluate() if self.history.eval_due(r) else None
+        t_eval = time.perf_counter() - t2
         self.round = r + 1
         samples = sum(x.samples for x in results)
+        t3 = time.perf_counter()
         if self.round % cfg.ray.checkpoint_every == 0:
             self._checkpoint(self.history.samples_seen + samples)
+        t_checkpoint = time.perf_counter() - t3
         # Recorded after the checkpoint: every round the driver logs is safely on disk.
         self.history.add(r, samples, {x.head_id: x.loss for x in results}, evals,
                          active_heads=len(results), bytes_up=bytes_up, bytes_down=bytes_down,
                          round_seconds=time.perf_counter() - t0, merge_seconds=t_merge, quantize_seconds=t_quant,
+                         eval_seconds=t_eval, checkpoint_seconds=t_checkpoint,
                          head_seconds=max(x.seconds for x in results), heads_rejected=rejected)
         return True
 

@@ -64,8 +64,8 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[di
           placement_group: Any = None) -> RunResult:
     """Run `cfg` on Ray. With `placement_group` (a Tune trial's), the coordinator takes its first
     bundle and every head is scheduled inside it."""
-    if cfg.method == "full":
-        raise UserError("method: full-rank training has no heads; run it with --backend local")
+    if cfg.method in ("full", "galore"):
+        raise UserError(f"method: {cfg.method} training has no heads; run it with --backend local")
     run_cfg = as_lte(cfg)  # the LoRA baselines are LTE special cases (one head)
     started_local = connect(cfg, address)
     coord = None

@@ -1,0 +1,127 @@
+"""`lte-ray bench quality` and `lte-ray bench system` in tiny settings: the JSON schema, and
+finite metrics from every method; plus the arithmetic behind their tables."""
+
+import json
+import math
+
+import pytest
+
+from lte_ray.bench.quality import DATASETS, SETTINGS, aggregate
+from lte_ray.bench.report import finite
+from lte_ray.bench.system import dp_allreduce_bytes, time_split
+from lte_ray.cli import main
+
+
+def _runs(setting, curves, metric="eval_accuracy"):
+    return [{"setting": setting, "seed": seed, "method": setting, "wall_seconds": 1.0,
+             "curve": [{"samples": 100 * (i + 1), metric: v} for i, v in enumerate(curve)],
+             "final": {metric: curve[-1]}} for seed, curve in enumerate(curves)]
+
+
+def test_samples_to_target_is_read_off_the_seed_mean_curves():
+    ds = DATASETS["digits"]
+    settings = [s for s in SETTINGS if s.key in ("full", "lte-4x8", "lora")]
+    runs = (_runs("full", [[0.5, 0.9, 0.9], [0.5, 0.9, 0.9]]) + _runs("lte-4x8", [[0.4, 0.7, 0.92], [0.4, 0.7, 0.9]])
+            + _runs("lora", [[0.3, 0.5, 0.6]]))
+    out = aggregate(ds, runs, settings)
+    rows = {m["key"]: m for m in out["methods"]}
+    assert out["target"] == pytest.approx(0.9) and out["full_samples_to_target"] == 200
+    assert rows["full"]["ratio_to_full"] == 1.0
+    assert rows["lte-4x8"]["samples_to_target"] == 300 and rows["lte-4x8"]["ratio_to_full"] == pytest.approx(1.5)
+    assert rows["lte-4x8"]["final"]["eval_accuracy"]["mean"] == pytest.approx(0.91)
+    assert rows["lte-4x8"]["curve"]["min"] == [0.4, 0.7, 0.9]
+    assert rows["lora"]["samples_to_target"] is None and rows["lora"]["ratio_to_full"] is None
+
+
+def test_a_loss_target_is_reached_from_above():
+    ds = DATASETS["shakespeare"]
+    settings = [s for s in SETTINGS if s.key in ("full", "lte-4x8")]
+    runs = _runs("full", [[3.0, 2.0, 1.5]], "eval_loss") + _runs("lte-4x8", [[3.1, 1.6, 1.4]], "eval_loss")
+    rows = {m["key"]: m for m in aggregate(ds, runs, settings)["methods"]}
+    assert rows["full"]["samples_to_target"] == 300 and rows["lte-4x8"]["samples_to_target"] == 300
+
+
+def test_data_parallel_traffic_and_the_time_split():
+    assert dp_allreduce_bytes(params=1000, workers=4, steps=10) == 2 * 3 * 4 * 1000 * 10
+    assert dp_allreduce_bytes(params=1000, workers=1, steps=10) == 0
+    recs = [{"round_seconds": 9.0, "head_seconds": 9.0}] + [
+        {"round_seconds": 1.0, "head_seconds": 0.5, "quantize_seconds": 0.1, "merge_seconds": 0.1,
+         "eval_seconds": 0.1, "checkpoint_seconds": 0.1}] * 3
+    split = time_split(recs)  # round 1 (start-up) is left out
+    assert split["rounds_averaged"] == 3 and split["round_seconds"] == 1.0
+    assert split["transfer_seconds"] == pytest.approx(0.1)
+
+
+def test_unknown_bench_settings_are_one_line_errors(capsys):
+    assert main(["bench", "quality", "--methods", "lte-4x8,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lte-ray: error: --methods: unknown nope") and "Traceback" not in err
+    assert main(["bench", "quality", "--samples", "5000", "--evals", "3", "--datasets", "digits"]) == 2
+    assert "whole number of rounds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--samples", "5120", "--evals", "2", "--seeds", "1", "--output", str(out)]) == 0
+    report = json.loads((out / "quality.json").read_text())
+    assert report["bench"] == "quality" and report["schema"] == 1 and report["skipped"] == []
+    assert {"cpu", "cores", "memory_gib", "gpu", "torch"} <= set(report["machine"])
+    assert [d["name"] for d in report["datasets"]] == ["digits", "shakespeare"]
+    for ds in report["datasets"]:
+        assert [m["key"] for m in ds["methods"]] == [s.key for s in SETTINGS]
+        assert math.isfinite(ds["target"]) and ds["budget_samples"] == 5120
+        for m in ds["methods"]:
+            assert m["curve"]["samples"] == [2560, 5120]
+            assert {"mean", "std", "values"} <= set(m["final"][ds["metric"]])
+            assert finite(m["final"]) and finite(m["curve"]), (ds["name"], m["key"])
+            assert m["samples_to_target"] is None or m["samples_to_target"] in (2560, 5120)
+        methods = {m["key"]: m["method"] for m in ds["methods"]}
+        assert methods["galore"] == "galore" and methods["lora-merge"] == "lora-merge"
+        finals = {m["key"]: m["final"][ds["metric"]]["mean"] for m in ds["methods"]}
+        assert len(set(finals.values())) == len(finals)  # every setting is a different run
+    md = (out / "quality.md").read_text()
+    assert "| setting | seeds |" in md and "ratio to full-rank" in md
+    assert (out / "quality.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray_cluster, capsys):
+    out = tmp_path / "s"
+    args = ["bench", "system", "--rounds", "3", "--output", str(out), "--set", "model.depth=2",
+            "--set", "model.width=32", "--set", "model.attn_heads=2", "--set", "ray.cpus_per_head=0.5",
+            "--set", "ray.start_grace_s=600", "--set", "train.device=cpu"]
+    assert main(args) == 0
+    report = json.loads((out / "system.json").read_text())
+    assert report["bench"] == "system" and report["schema"] == 1 and finite(report)
+    t = report["time"]
+    parts = ["head_seconds", "quantize_seconds", "merge_seconds", "eval_seconds", "checkpoint_seconds",
+             "transfer_seconds"]
+    assert all(t[k] >= 0 for k in parts) and t["head_seconds"] > 0
+    assert sum(t[k] for k in parts) == pytest.approx(t["round_seconds"], rel=1e-6)
+    tr = report["traffic"]
+    assert tr["heads"] == 4 and 0 < tr["ratio_to_dp"] < 0.2
+    assert tr["dp_allreduce_bytes_per_round"] == 2 * 3 * 4 * tr["params"] * 10
+    mem = {r["quant"] + ("" if "head" in r["label"] else "-full"): r for r in report["memory"]}
+    params_bytes = 4 * tr["params"]
+    assert mem["none-full"]["weights"] == mem["none-full"]["gradients"] == params_bytes
+    assert mem["none-full"]["optimizer_state"] == 2 * params_bytes  # AdamW: two moments per parameter
+    assert mem["none"]["weights"] == params_bytes
+    assert mem["nf4"]["weights"] < mem["int8"]["weights"] < mem["none"]["weights"]
+    assert mem["nf4"]["total"] < mem["none-full"]["total"]
+    th = report["throughput"]
+    assert th["ray_samples_per_s"] > 0 and th["simulate_samples_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "**Time per round**" in printed and "LTE / data-parallel" in printed and "Ray / simulate" in printed
+
+
+def test_budget_factor_extends_every_setting_but_full_rank_on_the_same_grid():
+    from lte_ray.bench.quality import run_config
+
+    ds, by_key = DATASETS["shakespeare"], {s.key: s for s in SETTINGS}
+    full = run_config(ds, by_key["full"], 0, 25_600, 10, "cpu", budget_factor=3)
+    lte = run_config(ds, by_key["lte-4x8-t20"], 0, 25_600, 10, "cpu", budget_factor=3)
+    assert full.rounds * full.samples_per_round == 25_600
+    assert lte.rounds * lte.samples_per_round == 3 * 25_600
+    assert full.train.eval_every * full.samples_per_round == lte.train.eval_every * lte.samples_per_round == 2_560
+    assert (full.train.full_lr, lte.train.lr) == (8e-3, 2e-3)
