@@ -4,19 +4,22 @@
 #   cluster/local.sh run     run it in the foreground; Ctrl-C or SIGTERM stops it (used by the tests)
 #   cluster/local.sh stop    stop it (note: `ray stop` stops every Ray node started on this machine)
 #   cluster/local.sh status
-# Ports and size: LTE_RAY_PORT (6379), LTE_RAY_DASHBOARD_PORT (8265), LTE_RAY_CPUS (logical CPUs,
-# default: 4 per core, since heads take fractions of a CPU).
+# Ports and size: LTE_RAY_PORT (6379), LTE_RAY_DASHBOARD_PORT (8265), LTE_RAY_AGENT_PORT (52365, the
+# dashboard agent that takes job submissions: a second cluster on the same machine needs its own),
+# LTE_RAY_CPUS (logical CPUs, default: 4 per core, since heads take fractions of a CPU).
 # Clients: RAY_AUTH_MODE=token; the token is ~/.ray/auth_token (created on first start).
 set -euo pipefail
 port=${LTE_RAY_PORT:-6379}
 dash=${LTE_RAY_DASHBOARD_PORT:-8265}
+agent=${LTE_RAY_AGENT_PORT:-52365}
 cpus=${LTE_RAY_CPUS:-$(( $(nproc) * 4 ))}
 export RAY_AUTH_MODE=token
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # keep Ray on the loopback address it is given
 
 [ -s ~/.ray/auth_token ] || ray get-auth-token --generate >/dev/null
 args=(--head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus"
-      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" --disable-usage-stats)
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash"
+      --dashboard-agent-listen-port="$agent" --disable-usage-stats)
 case "${1:-}" in
   start)
     ray start "${args[@]}"

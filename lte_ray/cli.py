@@ -96,7 +96,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     q = kinds.add_parser("quality", help="LTE against full-rank, LoRA, LoRA-merge and GaLore on digits and text",
                          description="Train every setting on digits (ViT) and Shakespeare (char-level GPT) with "
                                      "the same sample budget and evaluation points, over several seeds; write "
-                                     "quality.json, quality.md and quality.png. Defaults take about 20 minutes on "
+                                     "quality.json, quality.md and quality.png. Defaults take about 15 minutes on "
                                      "2 CPU cores.")
     q.add_argument("--datasets", type=_csv, help="comma-separated: digits,shakespeare (default: both)")
     q.add_argument("--methods", type=_csv, help="comma-separated setting keys (default: all; see docs/benchmarks.md)")

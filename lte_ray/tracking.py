@@ -18,7 +18,7 @@ from lte_ray.config import Config
 # Per-round record fields that become MLflow metrics (plus train_loss_head_<id>).
 ROUND_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_bits_per_token", "active_heads",
                  "samples_seen", "bytes_up", "bytes_down", "round_seconds", "merge_seconds",
-                 "quantize_seconds", "head_seconds", "eval_seconds", "checkpoint_seconds", "heads_rejected")
+                 "quantize_seconds", "head_seconds", "evaluation_seconds", "checkpoint_seconds", "heads_rejected")
 
 
 def default_uri(output_dir: str | Path) -> str:

@@ -46,7 +46,7 @@ def test_data_parallel_traffic_and_the_time_split():
     assert dp_allreduce_bytes(params=1000, workers=1, steps=10) == 0
     recs = [{"round_seconds": 9.0, "head_seconds": 9.0}] + [
         {"round_seconds": 1.0, "head_seconds": 0.5, "quantize_seconds": 0.1, "merge_seconds": 0.1,
-         "eval_seconds": 0.1, "checkpoint_seconds": 0.1}] * 3
+         "evaluation_seconds": 0.1, "checkpoint_seconds": 0.1}] * 3
     split = time_split(recs)  # round 1 (start-up) is left out
     assert split["rounds_averaged"] == 3 and split["round_seconds"] == 1.0
     assert split["transfer_seconds"] == pytest.approx(0.1)
@@ -95,7 +95,7 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
     report = json.loads((out / "system.json").read_text())
     assert report["bench"] == "system" and report["schema"] == 1 and finite(report)
     t = report["time"]
-    parts = ["head_seconds", "quantize_seconds", "merge_seconds", "eval_seconds", "checkpoint_seconds",
+    parts = ["head_seconds", "quantize_seconds", "merge_seconds", "evaluation_seconds", "checkpoint_seconds",
              "transfer_seconds"]
     assert all(t[k] >= 0 for k in parts) and t["head_seconds"] > 0
     assert sum(t[k] for k in parts) == pytest.approx(t["round_seconds"], rel=1e-6)

@@ -51,7 +51,8 @@ def test_every_job_config_is_valid(tmp_path):
 @pytest.fixture(scope="module")
 def job_cluster():
     """A real head node from cluster/local.sh, on its own ports; stopped (only it) at the end."""
-    env = {**os.environ, "LTE_RAY_PORT": "6391", "LTE_RAY_DASHBOARD_PORT": "8291", "LTE_RAY_CPUS": "8"}
+    env = {**os.environ, "LTE_RAY_PORT": "6391", "LTE_RAY_DASHBOARD_PORT": "8291", "LTE_RAY_AGENT_PORT": "52391",
+           "LTE_RAY_CPUS": "8"}
     proc = subprocess.Popen(["bash", str(ROOT / "cluster" / "local.sh"), "run"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = "http://127.0.0.1:8291"
@@ -75,10 +76,13 @@ def job_cluster():
 
 def _submit(address: str, env: dict, *entrypoint: str) -> tuple[str, str]:
     job_id = f"lte-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
-                    "--", "python", *entrypoint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    submit = subprocess.run(["ray", "job", "submit", "--address", address, "--submission-id", job_id,
+                             "--working-dir", ".", "--", "python", *entrypoint], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    if "does not exist" in status:  # the submission itself failed: say why
+        status += "\nray job submit printed:\n" + submit.stdout[-3000:]
     logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
                           capture_output=True, text=True).stdout
     found = re.search(r"Job '[^']+' (\w+)", status)  # e.g. "Job 'lte-test-1' succeeded"

@@ -29,7 +29,7 @@ from lte_ray.bench.report import machine, machine_line, markdown_table, write_ou
 from lte_ray.config import Config
 
 SPLIT = [("head compute (slowest head)", "head_seconds"), ("quantize", "quantize_seconds"),
-         ("merge", "merge_seconds"), ("eval", "eval_seconds"), ("checkpoint", "checkpoint_seconds")]
+         ("merge", "merge_seconds"), ("eval", "evaluation_seconds"), ("checkpoint", "checkpoint_seconds")]
 
 
 def steady_throughput(records: list[dict[str, Any]]) -> float:

@@ -288,7 +288,7 @@ class Coordinator:
         self.history.add(r, samples, {x.head_id: x.loss for x in results}, evals,
                          active_heads=len(results), bytes_up=bytes_up, bytes_down=bytes_down,
                          round_seconds=time.perf_counter() - t0, merge_seconds=t_merge, quantize_seconds=t_quant,
-                         eval_seconds=t_eval, checkpoint_seconds=t_checkpoint,
+                         evaluation_seconds=t_eval, checkpoint_seconds=t_checkpoint,
                          head_seconds=max(x.seconds for x in results), heads_rejected=rejected)
         return True
 
