@@ -7,9 +7,19 @@ import math
 import pytest
 
 from lte_ray.bench.quality import DATASETS, SETTINGS, aggregate
-from lte_ray.bench.report import finite
 from lte_ray.bench.system import dp_allreduce_bytes, time_split
 from lte_ray.cli import main
+
+
+def finite(obj):
+    """True if every number in a nested JSON-like object is finite."""
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(finite(v) for v in obj)
+    return True
 
 
 def _runs(setting, curves, metric="eval_accuracy"):

@@ -98,13 +98,12 @@ def run_config(ds: Dataset, setting: Setting, seed: int, budget: int, evals: int
     setting but full-rank) and evaluation interval (budget / evals samples)."""
     from lte_ray.config import build_config
 
-    base = build_config({}, ds.base)
-    overrides = dict(setting.overrides)
-    if overrides.get("train.batch_size") == "half":
-        overrides["train.batch_size"] = max(1, base.train.batch_size // 2)
+    overrides = {k: v for k, v in setting.overrides.items() if v != "half"}
     cfg = build_config({}, {**ds.base, **overrides, "train.seed": seed, "train.device": device})
+    if setting.overrides.get("train.batch_size") == "half":
+        cfg = cfg.replace({"train.batch_size": max(1, cfg.train.batch_size // 2)})
     spr = cfg.samples_per_round
-    if budget % evals or budget % spr or (budget // evals) % spr:
+    if budget % evals or (budget // evals) % spr:
         raise UserError(f"--samples {budget} with --evals {evals}: every evaluation interval must be a whole number "
                         f"of rounds for every setting ({setting.key} trains {spr} samples per round)")
     rounds = budget // spr * (1 if setting.key == "full" else budget_factor)
@@ -234,9 +233,9 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
                   seeds: int | None = None, samples: int | None = None, evals: int | None = None,
                   jobs: int = 2, device: str = "cpu", budget_factor: int = 1) -> dict[str, Any]:
     sets, settings = datasets_for(datasets), settings_for(methods)
-    skipped = [f"{s.key} ({s.needs.replace('_', '-')} is not installed)" for s in settings
-               if s.needs and importlib.util.find_spec(s.needs) is None]
-    settings = [s for s in settings if not (s.needs and importlib.util.find_spec(s.needs) is None)]
+    missing = [s for s in settings if s.needs and importlib.util.find_spec(s.needs) is None]
+    skipped = [f"{s.key} ({s.needs.replace('_', '-')} is not installed)" for s in missing]
+    settings = [s for s in settings if s not in missing]
     work = []
     for ds in sets:
         budget, n_evals = samples or ds.budget, evals or ds.evals

@@ -4,7 +4,6 @@ markdown tables and the JSON they write."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -97,17 +96,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def finite(obj: Any) -> bool:
-    """True if every number in a nested JSON-like object is finite."""
-    if isinstance(obj, float):
-        return math.isfinite(obj)
-    if isinstance(obj, dict):
-        return all(finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(finite(v) for v in obj)
-    return True
 
 
 def write_outputs(out: Path, name: str, report: dict[str, Any], markdown: str) -> None:

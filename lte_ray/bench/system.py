@@ -27,6 +27,7 @@ import torch
 
 from lte_ray.bench.report import machine, machine_line, markdown_table, write_outputs
 from lte_ray.config import Config
+from lte_ray.data import DataBundle
 
 SPLIT = [("head compute (slowest head)", "head_seconds"), ("quantize", "quantize_seconds"),
          ("merge", "merge_seconds"), ("eval", "evaluation_seconds"), ("checkpoint", "checkpoint_seconds")]
@@ -109,17 +110,16 @@ def _step_memory(model: torch.nn.Module, opt: torch.optim.Optimizer, batch, pack
     return out
 
 
-def memory_rows(cfg: Config) -> list[dict[str, Any]]:
+def memory_rows(cfg: Config, data: DataBundle) -> list[dict[str, Any]]:
     """One head with fp32 / int8 / nf4 main weights, and a full-rank AdamW worker."""
     from lte_ray.core.head import Head
     from lte_ray.core.master import MasterWeights
     from lte_ray.core.optim import make_optimizer
     from lte_ray.core.task import resolve_device
-    from lte_ray.data import batch_stream, load_data
+    from lte_ray.data import batch_stream
     from lte_ray.models import build_model
 
     device = resolve_device(cfg.train.device)
-    data = load_data(cfg.data, cfg.model)
     rows = []
     for label, quant, keep in [("LTE head, fp32 main weights", "none", False),
                                ("LTE head, int8 main weights (kept packed)", "int8", True),
@@ -167,12 +167,12 @@ def bench_system(cfg: Config, output: str) -> dict[str, Any]:
     console.print(f"bench system: {cfg.rounds} rounds on Ray ({cfg.lte.heads} heads) ...", highlight=False)
     records, ray_wall = ray_run(cfg, out / "ray-run")
     console.print(f"bench system: the same {cfg.rounds} rounds with core.simulate ...", highlight=False)
+    data = load_data(cfg.data, cfg.model)
     start = time.perf_counter()
-    sim = simulate(cfg)
+    sim = simulate(cfg, data=data)
     sim_wall = time.perf_counter() - start
     console.print("bench system: memory per head ...", highlight=False)
-    memory = memory_rows(cfg)
-    data = load_data(cfg.data, cfg.model)
+    memory = memory_rows(cfg, data)
     params = sum(p.numel() for p in build_model(cfg.model, data.spec).parameters())
     ray_sps, sim_sps = steady_throughput(records), steady_throughput(sim.history)
     report = {

@@ -100,7 +100,13 @@ class PackedWeight:
 
     def __init__(self, method: str, shape: list[int], codes: torch.Tensor, absmax: torch.Tensor,
                  code: torch.Tensor | None = None):
-        self.method, self.shape, self.codes, self.absmax, self.code = method, list(shape), codes, absmax, code
+        self.method, self.shape, self.codes, self.absmax = method, list(shape), codes, absmax
+        self.state = None
+        if method == "nf4":  # built once: dequantize runs in every forward and backward
+            import bitsandbytes.functional as bnbf
+
+            self.state = bnbf.QuantState(absmax=absmax, shape=torch.Size([_padded(math.prod(shape))]), code=code,
+                                         blocksize=BLOCK, quant_type="nf4", dtype=torch.float32)
 
     def dequantize(self) -> torch.Tensor:
         n = math.prod(self.shape)
@@ -109,9 +115,7 @@ class PackedWeight:
             return flat[:n].view(self.shape)
         import bitsandbytes.functional as bnbf
 
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size([_padded(n)]), code=self.code, blocksize=BLOCK,
-                                quant_type="nf4", dtype=torch.float32)
-        return bnbf.dequantize_4bit(self.codes, state).flatten()[:n].view(self.shape)
+        return bnbf.dequantize_4bit(self.codes, self.state).flatten()[:n].view(self.shape)
 
     @property
     def nbytes(self) -> int:
