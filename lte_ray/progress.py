@@ -9,23 +9,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lte_ray.core.protocol import RoundRecord, Task
+from lte_ray.core.task import headline_metric
 
-def _metrics_text(rec: dict[str, Any]) -> str:
-    parts = [f"loss {rec['train_loss']:.4f}"]
-    if "active_heads" in rec:
-        parts.insert(0, f"heads {rec['active_heads']}")
-    if "eval_accuracy" in rec and "eval_bits_per_token" not in rec:
-        parts.append(f"eval acc {rec['eval_accuracy']:.3f}")
-    elif "eval_loss" in rec:
-        parts.append(f"eval loss {rec['eval_loss']:.4f}")
+
+def _metrics_text(rec: RoundRecord, metric: str) -> str:
+    parts = [f"heads {rec.active_heads}", f"loss {rec.train_loss:.4f}"]
+    if metric in rec.evals:
+        name = metric.removeprefix("eval_").replace("accuracy", "acc")
+        parts.append(f"eval {name} {rec.evals[metric]:.4f}")
     return "  ".join(parts)
 
 
 class RoundProgress:
-    def __init__(self, total: int, title: str = "training", console: Console | None = None, start: int = 0):
+    """Shows each round as it ends (`update`), with the headline eval metric of the data's task."""
+
+    def __init__(self, total: int, task: Task, title: str = "training", console: Console | None = None,
+                 start: int = 0):
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
-        self.total, self.title, self.last_eval = total, title, ""
+        self.total, self.title, self.metric = total, title, headline_metric(task)[0]
         self._progress: Progress | None = None
         self._start = start
 
@@ -41,13 +44,13 @@ class RoundProgress:
             self.console.print(f"{self.title}: {self.total} rounds")
         return self
 
-    def update(self, rec: dict[str, Any]) -> None:
-        text = _metrics_text(rec)
+    def update(self, rec: RoundRecord) -> None:
+        text = _metrics_text(rec, self.metric)
         if self._progress is not None:
-            self._progress.update(self._task, completed=rec["round"], metrics=text)
-        elif "eval_loss" in rec or rec["round"] == 1:
-            self.console.print(f"round {rec['round']}/{rec['rounds']}  samples {rec['samples_seen']}  {text}"
-                               f"  ({rec['elapsed']:.0f}s)", highlight=False)
+            self._progress.update(self._task, completed=rec.round, metrics=text)
+        elif rec.evals or rec.round == 1:
+            self.console.print(f"round {rec.round}/{rec.rounds}  samples {rec.samples_seen}  {text}"
+                               f"  ({rec.elapsed:.0f}s)", highlight=False)
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:

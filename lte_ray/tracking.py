@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lte_ray.config import Config
-
-# Per-round record fields that become MLflow metrics (plus train_loss_head_<id>).
-ROUND_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "eval_bits_per_token", "active_heads",
-                 "samples_seen", "bytes_up", "bytes_down", "round_seconds", "merge_seconds",
-                 "quantize_seconds", "head_seconds", "evaluation_seconds", "checkpoint_seconds", "heads_rejected")
+from lte_ray.core.protocol import RoundRecord
+from lte_ray.core.task import headline_metric
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -65,13 +62,11 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_round(self, rec: dict[str, Any]) -> None:
+    def log_round(self, rec: RoundRecord) -> None:
         from mlflow.entities import Metric
 
-        now, step = int(time.time() * 1000), int(rec["round"])
-        values = {k: rec[k] for k in ROUND_METRICS if isinstance(rec.get(k), (int, float))}
-        values.update({f"train_loss_head_{h}": v for h, v in rec.get("head_losses", {}).items()})
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, rec.round) for k, v in rec.metrics().items()])
 
     def finish(self, output_dir: str | Path, summary: dict[str, Any] | None, status: str = "FINISHED") -> None:
         from mlflow.entities import Metric
@@ -82,15 +77,15 @@ class Tracker:
             finals = [Metric(f"final_{k}", float(v), now, int(summary["rounds"])) for k, v in summary.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rounds"]
             self.client.log_batch(self.run_id, metrics=finals)
-            plot = plot_curve(out / "metrics.jsonl", out / "eval_curve.png")
+            plot = plot_curve(out / "metrics.jsonl", out / "eval_curve.png", headline_metric(summary["task"])[0])
             for path in (out / "model.safetensors", out / "config.yaml", out / "summary.json", plot):
                 if path and Path(path).exists():
                     self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, status=status)
 
 
-def plot_curve(metrics_path: Path, png_path: Path) -> Path | None:
-    """Eval metric against samples seen, from metrics.jsonl."""
+def plot_curve(metrics_path: Path, png_path: Path, metric: str) -> Path | None:
+    """`metric` against samples seen, from metrics.jsonl."""
     import json
 
     import matplotlib
@@ -101,10 +96,9 @@ def plot_curve(metrics_path: Path, png_path: Path) -> Path | None:
     if not metrics_path.exists():
         return None
     recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if "eval_loss" in r]
+    recs = [r for r in recs if metric in r]
     if not recs:
         return None
-    metric = "eval_accuracy" if "eval_bits_per_token" not in recs[0] else "eval_loss"
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["samples_seen"] for r in recs], [r[metric] for r in recs], marker="o")
     ax.set_xlabel("samples seen")

@@ -4,9 +4,14 @@
   (`tune.PlacementGroupFactory`): bundle 0 for the trial driver and coordinator, one bundle per
   head. A trial starts only when all of it fits, so trials never deadlock each other on a small
   cluster, and heads the coordinator starts later (replacements) go into the same group.
-* Trials report every evaluation (`eval_*`, `train_loss`, `round`); ASHA can stop poor ones early.
-* MLflow: the sweep is a parent run; every trial is a child run, logged from the driver (one
-  writer for the store). At the end a table ranks the trials; `best_config.json` names the best.
+* A trial is one `Run` (the bookkeeping `lte-ray train` uses) whose rounds also go to Tune: it
+  reports every evaluation (`round`, `eval_*`, `train_loss`, ...), and ASHA can stop poor trials.
+* The metric is the data's headline metric (`core.task.headline_metric`): `eval_accuracy` (max)
+  for classification, `eval_loss` (min) for language modelling.
+* MLflow: the sweep is a parent run (the base config as params); Ray's `MLflowLoggerCallback`
+  makes every trial a child run, named by its trial id, with the swept values as params and the
+  reports as metrics at step = round. It logs from the driver, so the SQLite store has one writer.
+  At the end a table ranks the trials; `best_config.json` names the best.
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ from typing import Any
 from ray import tune
 
 from lte_ray.config import Config, ConfigError
+from lte_ray.core.methods import get_method
+from lte_ray.core.protocol import RoundRecord
+from lte_ray.core.task import headline_metric
+from lte_ray.data import data_task
+from lte_ray.resolve import resolve
 from lte_ray.tracking import Tracker
 
 TRIAL_DRIVER_CPUS = 0.5  # the trial's own process; the coordinator shares its bundle (num_cpus=0)
 
 
 def metric_for(cfg: Config) -> tuple[str, str]:
-    return ("eval_loss", "min") if cfg.data.name == "text" else ("eval_accuracy", "max")
+    return headline_metric(data_task(cfg.data))
 
 
 def parse_space(grid: list[str], choice: list[str], loguniform: list[str], uniform: list[str]) -> dict[str, Any]:
@@ -58,27 +68,28 @@ def parse_space(grid: list[str], choice: list[str], loguniform: list[str], unifo
 
 
 def check_space(base: Config, grid: list[str], choice: list[str]) -> None:
-    """Every listed value must make a valid config: fail before any trial starts."""
+    """Every listed value must make a valid config, checked against the world here, once: fail
+    before any trial starts (trials then apply their values without looking again)."""
     import yaml
 
     for item in grid + choice:
         key, _, raw = item.partition("=")
         for value in raw.split(","):
-            base.replace({key.strip(): yaml.safe_load(value)})
+            resolve(base.replace({key.strip(): yaml.safe_load(value)}))
     if grid:  # combinations too (e.g. min_heads against heads)
         axes = [(k.strip(), [yaml.safe_load(v) for v in raw.split(",")]) for k, _, raw in (g.partition("=") for g in grid)]
         for combo in itertools.product(*[vals for _, vals in axes]):
-            base.replace({k: v for (k, _), v in zip(axes, combo)})
+            resolve(base.replace({k: v for (k, _), v in zip(axes, combo)}))
 
 
-def trial_resources(base: dict[str, Any]):
+def trial_resources(base: Config):
     """Placement group of one trial: its driver + coordinator, then one bundle per head."""
     def resources(params: dict[str, Any]):
-        cfg = Config.model_validate(base).replace(params)
+        cfg = base.replace(params)
         head = {"CPU": cfg.ray.cpus_per_head}
         if cfg.ray.gpus_per_head:
             head["GPU"] = cfg.ray.gpus_per_head
-        heads = 1 if cfg.method in ("lora", "lora-merge") else cfg.lte.heads
+        heads = get_method(cfg.method).lte_config(cfg).lte.heads
         first = {"CPU": TRIAL_DRIVER_CPUS}
         if cfg.ray.coordinator_gpus:
             first["GPU"] = cfg.ray.coordinator_gpus
@@ -87,37 +98,36 @@ def trial_resources(base: dict[str, Any]):
     return resources
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
+def _report(rec: RoundRecord) -> None:
+    if rec.evals:  # `timesteps_total` is the step MLflowLoggerCallback logs at
+        tune.report({"round": rec.round, "timesteps_total": rec.round, **rec.metrics()})
+
+
+def run_trial(params: dict[str, Any], base: Config, sweep: str) -> None:
     """A Tune function trainable: one LTE run on Ray, inside the trial's placement group."""
     from ray.util import get_current_placement_group
 
-    from lte_ray.outputs import RunOutput, make_summary
-    from lte_ray.runtime.launch import train
+    from lte_ray.run import Run
 
     ctx = tune.get_context()
     name = f"{sweep}-{ctx.get_trial_id()}"
-    cfg = Config.model_validate(base).replace({**params, "output": ctx.get_trial_dir(), "ray.run_name": name})
-    out = RunOutput(cfg)
-
-    def on_round(rec: dict[str, Any]) -> None:
-        out.record(rec)
-        if "eval_loss" in rec:
-            tune.report({k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-
-    result = train(cfg, run_name=name, output_dir=str(out.dir), on_round=on_round,
-                   placement_group=get_current_placement_group())
-    out.finish(make_summary(cfg, method=result.method, rounds=result.rounds, heads=result.heads,
-                            samples_seen=result.samples_seen, wall_seconds=result.wall_seconds,
-                            final=result.final, **result.extra), result.state)
+    cfg = base.replace({**params, "output": ctx.get_trial_dir(), "ray.run_name": name})
+    run = Run(cfg, backend="ray", tracking=False, sinks=[_report])  # MLflow: the driver's callback
+    run.finish(run.train(placement_group=get_current_placement_group()))
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "sweep"
 
 
+def _trial_name(trial) -> str:
+    return trial.trial_id  # also the MLflow child run's name
+
+
 def sweep(base: Config, space: dict[str, Any], *, output: str, samples: int = 1, asha: bool = False,
           metric: str | None = None, mode: str | None = None, max_concurrent: int = 0) -> dict[str, Any]:
     """Run the sweep on the connected Ray cluster; returns the ranking and the best trial."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     from lte_ray.checkpoint import write_json
@@ -127,18 +137,17 @@ def sweep(base: Config, space: dict[str, Any], *, output: str, samples: int = 1,
     sweep_dir = Path(output).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     name = _slug(sweep_dir.name)
-    parent = Tracker(base, sweep_dir, run_name=f"sweep {name}", backend="ray-tune")
-    callback = _MlflowTrials(base, sweep_dir, parent.run_id)
+    parent = Tracker(base, sweep_dir, run_name=f"sweep {name}", backend="ray-tune")  # creates the experiment
+    children = MLflowLoggerCallback(tracking_uri=parent.uri, experiment_name=base.tracking.experiment,
+                                    tags={"mlflow.parentRunId": parent.run_id, "backend": "ray-tune"})
     scheduler = (ASHAScheduler(time_attr="round", max_t=base.rounds,
                                grace_period=min(base.rounds, 2 * base.train.eval_every)) if asha else None)
-    base_dict = base.to_dict()
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base_dict, sweep=name),
-                                    trial_resources(base_dict))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep=name), trial_resources(base))
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, scheduler=scheduler,
-                                    max_concurrent_trials=max_concurrent or None),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=[callback], verbose=0),
+                                    max_concurrent_trials=max_concurrent or None, trial_name_creator=_trial_name),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=[children], verbose=0),
     )
     try:
         grid = tuner.fit()
@@ -162,34 +171,6 @@ def sweep(base: Config, space: dict[str, Any], *, output: str, samples: int = 1,
     parent.client.set_tag(parent.run_id, "best_trial", best["trial_id"] if best else "none")
     parent.finish(sweep_dir, None, status="FINISHED" if best else "FAILED")
     return report
-
-
-class _MlflowTrials(tune.Callback):
-    """In the driver: each trial is an MLflow child run of the sweep's run."""
-
-    def __init__(self, base: Config, sweep_dir: Path, parent_run_id: str):
-        self.base, self.sweep_dir, self.parent = base, sweep_dir, parent_run_id
-        self.trackers: dict[str, Tracker] = {}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        cfg = self.base.replace(dict(trial.config))
-        self.trackers[trial.trial_id] = Tracker(cfg, self.sweep_dir, run_name=trial.trial_id,
-                                                parent_run_id=self.parent, backend="ray-tune")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if trial.trial_id in self.trackers and "round" in result:
-            self.trackers[trial.trial_id].log_round(result)
-
-    def _end(self, trial, status: str) -> None:
-        tracker = self.trackers.pop(trial.trial_id, None)
-        if tracker:
-            tracker.finish(self.sweep_dir, None, status=status)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED")
 
 
 def ranking_table(report: dict[str, Any]):

@@ -6,7 +6,7 @@ import pytest
 # reads this when it is imported, so it is set before any test module imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from lte_ray.config import build_config
+from lte_ray.resolve import build_config
 
 
 @pytest.fixture

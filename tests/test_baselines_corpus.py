@@ -5,9 +5,10 @@ import math
 
 import pytest
 
-from lte_ray.config import ConfigError, build_config
+from lte_ray.config import ConfigError
 from lte_ray.core.simulate import simulate
 from lte_ray.data import shakespeare_files
+from lte_ray.resolve import build_config
 
 
 def test_galore_is_a_full_rank_run_with_a_galore_optimizer(tiny_cfg, monkeypatch):

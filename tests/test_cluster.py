@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lte_ray.config import load_config
+from lte_ray.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = sorted(p for p in (ROOT / "cluster").rglob("*") if p.is_file())

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from lte_ray.cli import main
-from lte_ray.config import build_config, load_config, parse_set
+from lte_ray.config import parse_set
+from lte_ray.resolve import build_config, load_config
 
 CASES = [
     (["--rank", "0"], "lte.rank: must be >= 1"),

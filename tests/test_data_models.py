@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from lte_ray.config import build_config
 from lte_ray.core.simulate import simulate
 from lte_ray.core.task import resolve_device
-from lte_ray.data import BatchStream, DataError, load_data
+from lte_ray.data import DataError, load_data
+from lte_ray.datasets import BatchStream
 from lte_ray.errors import UserError
 from lte_ray.models import DataSpec, build_model
+from lte_ray.resolve import build_config
 
 
 def test_digits_split_is_fixed_and_disjoint():

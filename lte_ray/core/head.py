@@ -8,8 +8,7 @@ stream are seeded from them, so it behaves the same in-process or in a Ray actor
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,8 +16,10 @@ from torch import nn
 from lte_ray.config import Config
 from lte_ray.core import lora, merge, quant
 from lte_ray.core.optim import lr_factor, make_optimizer, set_lr
+from lte_ray.core.protocol import Broadcast, Factors, HeadResult
 from lte_ray.core.task import loss_fn, resolve_device
-from lte_ray.data import BatchStream, DataBundle, batch_stream, load_data
+from lte_ray.data import load_data
+from lte_ray.datasets import BatchStream, DataBundle, batch_stream
 from lte_ray.models import build_model
 
 
@@ -53,23 +54,6 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, data: DataBundle, 
     return float(total) / max(1, len(steps))
 
 
-@dataclass
-class HeadResult:
-    """What a head sends up after a round: plain tensors and numbers only."""
-
-    head_id: int
-    round: int
-    factors: merge.Factors
-    replicas: dict[str, torch.Tensor] = field(default_factory=dict)
-    loss: float = float("nan")
-    samples: int = 0
-    seconds: float = 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return merge.factors_nbytes(self.factors) + quant.nbytes(self.replicas)
-
-
 class Head:
     def __init__(self, cfg: Config, head_id: int, data: DataBundle | None = None,
                  device: torch.device | str | None = None):
@@ -91,16 +75,16 @@ class Head:
         self.rounds_done = 0
         self.received = False  # has it had a full broadcast yet?
 
-    def receive(self, payload: dict[str, Any]) -> None:
+    def receive(self, broadcast: Broadcast) -> None:
         """Start a round from the merged weights: the head's output now equals the merged model's."""
-        if not (payload.get("full") or self.received):
+        if not (broadcast.full or self.received):
             raise ValueError(f"head {self.head_id}: its first broadcast must carry the full state")
         if self.cfg.lte.keep_quantized:  # main weights stay packed; only the rest is unpacked
-            state = quant.unpack({**payload, "quantized": None}, self.device)
-            packed = quant.packed_weights(payload, self.device)
+            state = {k: v.to(self.device) for k, v in broadcast.plain.items()}
+            packed = quant.packed_weights(broadcast, self.device)
         else:
-            state, packed = quant.unpack(payload, self.device), None
-        lora.load_shared_state(self.model, state, partial=not payload.get("full"), packed=packed)
+            state, packed = quant.unpack(broadcast, self.device), None
+        lora.load_shared_state(self.model, state, partial=not broadcast.full, packed=packed)
         self.received = True
         if self.cfg.lte.mode == "resetless":
             lora.snapshot(self.model)
@@ -110,9 +94,9 @@ class Head:
                 for p in (layer.lora_A, layer.lora_B):
                     self.opt.state.pop(p, None)
 
-    def train_round(self, round_idx: int, payload: dict[str, Any]) -> HeadResult:
+    def train_round(self, round_idx: int, broadcast: Broadcast) -> HeadResult:
         start = time.perf_counter()
-        self.receive(payload)
+        self.receive(broadcast)
         t = self.cfg.lte.merge_every
         loss = train_steps(self.model, self.opt, self.data, self.stream, range(round_idx * t, (round_idx + 1) * t),
                            self.lr_at, self.device, self.cfg.train.grad_clip)
@@ -121,7 +105,7 @@ class Head:
             head_id=self.head_id, round=round_idx, factors=self.export_factors(), replicas=self.export_replicas(),
             loss=loss, samples=t * self.cfg.train.batch_size, seconds=time.perf_counter() - start)
 
-    def export_factors(self) -> merge.Factors:
+    def export_factors(self) -> Factors:
         # delta_factors builds new tensors, so no clone is needed for them to outlive the round.
         return {k: (u.detach().cpu(), v.detach().cpu()) for k, (u, v) in merge.head_delta(self.model).items()}
 

@@ -6,15 +6,15 @@ the same math.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 
 from lte_ray.config import Config
 from lte_ray.core import lora, merge, quant
-from lte_ray.core.head import HeadResult
+from lte_ray.core.protocol import Broadcast, HeadResult
 from lte_ray.core.task import evaluate
-from lte_ray.data import DataBundle
+from lte_ray.datasets import DataBundle
 from lte_ray.errors import UserError
 from lte_ray.models import build_model
 
@@ -31,22 +31,22 @@ class MasterWeights:
         self.state: dict[str, torch.Tensor] = _fp32_cpu(model.state_dict())
         self.eval_model = model.to(self.device)
 
-    def broadcast(self, full: bool = False) -> dict[str, Any]:
+    def broadcast(self, full: bool = False) -> Broadcast:
         """What heads receive at the start of a round: Q(W), plus the replica parameters when
         they are averaged (they change) or when `full` (a head's first round; frozen replicas
         never change, so they travel only then)."""
         if full or self.cfg.lte.replicas == "average":
-            return {**quant.pack(self.state, self.quant_keys, self.cfg.lte.quant), "full": True}
+            return quant.pack(self.state, self.quant_keys, self.cfg.lte.quant)
         main = {k: self.state[k] for k in self.quant_keys}
-        return {**quant.pack(main, self.quant_keys, self.cfg.lte.quant), "full": False}
+        return quant.pack(main, self.quant_keys, self.cfg.lte.quant, full=False)
 
-    def with_replicas(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """`payload` completed for a head's first round: the same Q(W), plus every other tensor in
-        fp32 (no second quantization of the same weights)."""
-        if payload["full"]:
-            return payload
+    def with_replicas(self, broadcast: Broadcast) -> Broadcast:
+        """`broadcast` completed for a head's first round: the same Q(W), plus every other tensor
+        in fp32 (no second quantization of the same weights)."""
+        if broadcast.full:
+            return broadcast
         rest = {k: v for k, v in self.state.items() if k not in self.quant_keys}
-        return {**payload, "plain": {**payload["plain"], **rest}, "full": True}
+        return dataclasses.replace(broadcast, plain={**broadcast.plain, **rest}, full=True)
 
     def merge(self, results: list[HeadResult]) -> None:
         self.state = merge.merge_round(self.state, [r.factors for r in results], [r.replicas for r in results])

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from lte_ray.core.lora import lte_layers
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # main-weight key -> (U, V)
+from lte_ray.core.protocol import Factors
 
 
 def head_delta(model: nn.Module) -> Factors:
@@ -48,10 +47,6 @@ def merge_round(state: dict[str, torch.Tensor], deltas: list[Factors],
     for k, v in average([r for r in replicas if r]).items():
         merged[k] = v.to(state[k].device, state[k].dtype)
     return merged
-
-
-def factors_nbytes(factors: Factors) -> int:
-    return sum(u.nbytes + v.nbytes for u, v in factors.values())
 
 
 def delta_norm(u: torch.Tensor, v: torch.Tensor) -> float:

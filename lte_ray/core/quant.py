@@ -1,9 +1,8 @@
 """Pack the main weights for broadcast, and unpack them: none | int8 | nf4.
 
 The coordinator keeps fp32 master weights and sends Q(W); heads compute with dequant(Q(W)).
-Error never accumulates: every round re-quantizes from the master. Payloads are plain nested
-dicts of CPU tensors (no custom classes), so they cross process boundaries (Ray's object store,
-pickle) unchanged.
+Error never accumulates: every round re-quantizes from the master. A packed state is a
+`protocol.Broadcast` of CPU tensors, so it crosses process boundaries (Ray, pickle) unchanged.
 
 * int8: blockwise linear (absmax per block of 64), torch-native: ~0.27x fp32 bytes.
 * nf4: bitsandbytes `quantize_4bit` (works on CPU and CUDA) with double-quantized block
@@ -13,79 +12,82 @@ pickle) unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable, get_args
 
 import torch
 
-METHODS = ("none", "int8", "nf4")
+from lte_ray.config import Quant
+from lte_ray.core.protocol import Broadcast, QuantizedWeights
+
+METHODS: tuple[str, ...] = get_args(Quant)
 BLOCK = 64  # elements per quantization block (absmax scale), for int8 and nf4
 
 
-def _int8_pack(w: torch.Tensor) -> dict[str, Any]:
-    flat = w.detach().float().flatten()
-    pad = (-len(flat)) % BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+def _int8_quantize(flat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    blocks = flat.view(-1, BLOCK)  # `flat` is padded to whole blocks
     absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
-    q = torch.round(blocks / absmax[:, None] * 127).to(torch.int8)
-    return {"q": q.flatten()[: len(flat)].cpu(), "absmax": absmax.cpu(), "shape": list(w.shape)}
+    codes = torch.round(blocks / absmax[:, None] * 127).to(torch.int8)
+    return codes.flatten().cpu(), {"absmax": absmax.cpu()}
 
 
-def _int8_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
-    q = p["q"].to(device).float()
-    pad = (-len(q)) % BLOCK
-    blocks = torch.nn.functional.pad(q, (0, pad)).view(-1, BLOCK)
-    w = blocks * (p["absmax"].to(device)[:, None] / 127)
-    return w.flatten()[: len(q)].view(p["shape"])
+def _int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    return (codes.float().view(-1, BLOCK) * (absmax[:, None] / 127)).flatten()
 
 
-def _nf4_pack(w: torch.Tensor) -> dict[str, Any]:
+def _nf4_quantize(flat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     import bitsandbytes.functional as bnbf
 
-    data, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCK,
-                                     compress_statistics=True, quant_type="nf4")
-    return {"data": data.cpu(), "state": {k: v.cpu() for k, v in state.as_dict(packed=True).items()}}
+    data, state = bnbf.quantize_4bit(flat.contiguous(), blocksize=BLOCK, compress_statistics=True, quant_type="nf4")
+    return data.cpu(), {k: v.cpu() for k, v in state.as_dict(packed=True).items()}
 
 
-def _nf4_unpack(p: dict[str, Any], device: torch.device | str) -> torch.Tensor:
+def _nf4_state(stats: dict[str, torch.Tensor], device: torch.device):
     import bitsandbytes.functional as bnbf
 
-    device = torch.device(device)
-    state = bnbf.QuantState.from_dict({k: v.to(device) for k, v in p["state"].items()}, device=device)
-    return bnbf.dequantize_4bit(p["data"].to(device), state).float()
+    return bnbf.QuantState.from_dict({k: v.to(device) for k, v in stats.items()}, device=device)
 
 
 def _padded(n: int) -> int:
     return n + (-n) % BLOCK
 
 
-def pack(state: dict[str, torch.Tensor], quantize: Iterable[str], method: str) -> dict[str, Any]:
-    """Payload for broadcast: the keys in `quantize` with `method`, all other tensors as fp32.
+def quantize(state: dict[str, torch.Tensor], keys: list[str], method: str) -> QuantizedWeights:
+    """`state[k]` for k in `keys`, quantized as one flat buffer, each tensor padded to a block
+    boundary: no block straddles two tensors (the same error as quantizing them one by one),
+    while the per-buffer overhead (code tables, packed state) is paid once, in one call a round."""
+    flat = torch.cat([torch.nn.functional.pad(state[k].detach().float().flatten(),
+                                              (0, _padded(state[k].numel()) - state[k].numel())) for k in keys])
+    codes, stats = (_int8_quantize if method == "int8" else _nf4_quantize)(flat)
+    return QuantizedWeights(method, list(keys), [list(state[k].shape) for k in keys], codes, stats)
 
-    The quantized tensors travel as one flat buffer, each padded to a block boundary: no block
-    straddles two tensors (the same error as quantizing them one by one), while the per-buffer
-    overhead (code tables, packed state) is paid once and there is one quantize call per round.
-    """
+
+def pack(state: dict[str, torch.Tensor], quantize_keys: Iterable[str], method: str, full: bool = True) -> Broadcast:
+    """The broadcast of `state`: the keys in `quantize_keys` quantized with `method`, all other
+    tensors as they are (fp32)."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r} (choose from {', '.join(METHODS)})")
-    qkeys = [k for k in state if k in set(quantize)] if method != "none" else []
-    payload: dict[str, Any] = {"method": method,
-                               "plain": {k: v.detach().cpu() for k, v in state.items() if k not in qkeys}}
-    if qkeys:
-        flat = torch.cat([torch.nn.functional.pad(state[k].detach().float().flatten(),
-                                                  (0, _padded(state[k].numel()) - state[k].numel()))
-                          for k in qkeys])
-        packer = _int8_pack if method == "int8" else _nf4_pack
-        payload["quantized"] = {"keys": qkeys, "shapes": [list(state[k].shape) for k in qkeys], "flat": packer(flat)}
-    return payload
+    wanted = set(quantize_keys)
+    keys = [k for k in state if k in wanted] if method != "none" else []
+    plain = {k: v.detach().cpu() for k, v in state.items() if k not in keys}
+    return Broadcast(plain, quantize(state, keys, method) if keys else None, full)
 
 
-def unpack(payload: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    out = {k: v.to(device) for k, v in payload["plain"].items()}
-    q = payload.get("quantized")
+def _dequantize_flat(q: QuantizedWeights, device: torch.device | str) -> torch.Tensor:
+    device = torch.device(device)
+    if q.method == "int8":
+        return _int8_dequantize(q.codes.to(device), q.stats["absmax"].to(device))
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(q.codes.to(device), _nf4_state(q.stats, device)).float().flatten()
+
+
+def unpack(broadcast: Broadcast, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor a broadcast carries, dense, on `device`."""
+    out = {k: v.to(device) for k, v in broadcast.plain.items()}
+    q = broadcast.quantized
     if q:
-        flat = (_int8_unpack if payload["method"] == "int8" else _nf4_unpack)(q["flat"], device).flatten()
-        offset = 0
-        for key, shape in zip(q["keys"], q["shapes"]):
+        flat, offset = _dequantize_flat(q, device), 0
+        for key, shape in zip(q.keys, q.shapes):
             n = math.prod(shape)
             out[key] = flat[offset:offset + n].view(shape)
             offset += _padded(n)
@@ -111,8 +113,7 @@ class PackedWeight:
     def dequantize(self) -> torch.Tensor:
         n = math.prod(self.shape)
         if self.method == "int8":
-            flat = _int8_unpack({"q": self.codes, "absmax": self.absmax, "shape": [len(self.codes)]}, self.codes.device)
-            return flat[:n].view(self.shape)
+            return _int8_dequantize(self.codes, self.absmax)[:n].view(self.shape)
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(self.codes, self.state).flatten()[:n].view(self.shape)
@@ -125,59 +126,48 @@ class PackedWeight:
         return [self.codes, self.absmax]
 
 
-def packed_weights(payload: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, PackedWeight]:
-    """The quantized tensors of a payload, each kept packed (see `PackedWeight`)."""
-    q = payload.get("quantized")
+def packed_weights(broadcast: Broadcast, device: torch.device | str = "cpu") -> dict[str, PackedWeight]:
+    """The quantized tensors of a broadcast, each kept packed (see `PackedWeight`)."""
+    q = broadcast.quantized
     if not q:
         return {}
-    flat, out, offset = q["flat"], {}, 0
-    if payload["method"] == "int8":
-        codes, absmax, code = flat["q"].to(device), flat["absmax"].to(device), None
+    device = torch.device(device)
+    codes, code = q.codes.to(device), None
+    if q.method == "int8":
+        absmax = q.stats["absmax"].to(device)
     else:
         import bitsandbytes.functional as bnbf
 
-        device = torch.device(device)
-        state = bnbf.QuantState.from_dict({k: v.to(device) for k, v in flat["state"].items()}, device=device)
-        absmax = state.absmax
+        state = _nf4_state(q.stats, device)
+        absmax, code = state.absmax, state.code
         if state.nested:  # the block statistics are themselves quantized: expand them once, to fp32
             absmax = bnbf.dequantize_blockwise(state.absmax, state.state2).float() + state.offset
-        codes, code = flat["data"].to(device), state.code
-    for key, shape in zip(q["keys"], q["shapes"]):
+    per_byte = 1 if q.method == "int8" else 2  # NF4 packs two values per byte
+    out, offset = {}, 0
+    for key, shape in zip(q.keys, q.shapes):
         size = _padded(math.prod(shape))
-        per_byte = 1 if payload["method"] == "int8" else 2  # NF4 packs two values per byte
-        out[key] = PackedWeight(payload["method"], shape, codes[offset // per_byte:(offset + size) // per_byte],
+        out[key] = PackedWeight(q.method, shape, codes[offset // per_byte:(offset + size) // per_byte],
                                 absmax[offset // BLOCK:(offset + size) // BLOCK], code)
         offset += size
     return out
-
-
-def nbytes(obj: Any) -> int:
-    """Bytes of all tensors in a nested dict/list payload (what crosses the wire, give or take)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes(v) for v in obj)
-    return 0
 
 
 def relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
     return float((original.float() - restored.float()).norm() / original.float().norm().clamp_min(1e-12))
 
 
-def report(state: dict[str, torch.Tensor], payload: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per quantized tensor: fp32 bytes, its share of the payload bytes, the ratio, and the
+def report(state: dict[str, torch.Tensor], broadcast: Broadcast) -> dict[str, dict[str, float]]:
+    """Per quantized tensor: fp32 bytes, its share of the quantized bytes, the ratio, and the
     relative error."""
-    q = payload.get("quantized")
+    q = broadcast.quantized
     if not q:
         return {}
-    restored = unpack(payload)
-    total, padded = nbytes(q["flat"]), sum(_padded(math.prod(s)) for s in q["shapes"])
+    restored = unpack(broadcast)
+    padded = sum(_padded(math.prod(s)) for s in q.shapes)
     out = {}
-    for key in q["keys"]:
+    for key in q.keys:
         fp32 = state[key].numel() * 4
-        share = total * _padded(state[key].numel()) / padded
+        share = q.nbytes * _padded(state[key].numel()) / padded
         out[key] = {"fp32_bytes": fp32, "bytes": share, "ratio": share / fp32,
                     "rel_error": relative_error(state[key], restored[key])}
     return out

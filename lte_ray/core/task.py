@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lte_ray.core.protocol import Task
 from lte_ray.errors import UserError
+
+
+def headline_metric(task: Task) -> tuple[str, str]:
+    """The metric a run of this task is judged on, and whether higher or lower is better: what
+    Tune optimises, the progress bar shows and the MLflow plot draws."""
+    return ("eval_loss", "min") if task == "lm" else ("eval_accuracy", "max")
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -26,7 +33,7 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, task: str, device: torch.device | str,
+def evaluate(model: nn.Module, dataset, task: Task, device: torch.device | str,
              batch_size: int = 256) -> dict[str, float]:
     """Mean cross-entropy on the held-out split, plus accuracy (classify) or bits per token (lm)."""
     was_training = model.training

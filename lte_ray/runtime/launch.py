@@ -19,7 +19,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from lte_ray.config import Config
-from lte_ray.core.simulate import RunResult, as_lte
+from lte_ray.core.history import RoundCallback
+from lte_ray.core.methods import get_method
+from lte_ray.core.protocol import RunResult
 from lte_ray.errors import UserError
 from lte_ray.runtime.coordinator import Coordinator
 from lte_ray.runtime.worker import head_actor
@@ -59,14 +61,12 @@ def _named_actor_exists(name: str, namespace: str) -> bool:
         return False
 
 
-def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[dict[str, Any]], None] | None = None,
+def train(cfg: Config, *, run_name: str, output_dir: str, on_round: RoundCallback | None = None,
           mlflow_run_id: str | None = None, resume: bool = False, address: str | None = None,
           placement_group: Any = None) -> RunResult:
-    """Run `cfg` on Ray. With `placement_group` (a Tune trial's), the coordinator takes its first
-    bundle and every head is scheduled inside it."""
-    if cfg.method in ("full", "galore"):
-        raise UserError(f"method: {cfg.method} training has no heads; run it with --backend local")
-    run_cfg = as_lte(cfg)  # the LoRA baselines are LTE special cases (one head)
+    """Run `cfg` (a resolved config) on Ray. With `placement_group` (a Tune trial's), the
+    coordinator takes its first bundle and every head is scheduled inside it."""
+    run_cfg = get_method(cfg.method).lte_config(cfg)  # the LoRA baselines are LTE special cases (one head)
     started_local = connect(cfg, address)
     coord = None
     try:
@@ -80,7 +80,7 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[di
         coord = ray.remote(Coordinator).options(
             name=run_name, namespace=cfg.ray.namespace, num_cpus=0, num_gpus=cfg.ray.coordinator_gpus,
             max_concurrency=8, max_restarts=0, scheduling_strategy=where,
-        ).remote(run_cfg.to_dict(), run_name, os.path.abspath(output_dir), mlflow_run_id, resume, placement_group)
+        ).remote(run_cfg, run_name, os.path.abspath(output_dir), mlflow_run_id, resume, placement_group)
         run_ref = coord.run.remote()
         seen = 0
         while True:
@@ -91,7 +91,7 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[di
                     on_round(rec)
             if finished:
                 break
-        out = ray.get(run_ref)
+        return ray.get(run_ref)
     except RayTaskError as e:
         raise _unwrap(e) from None
     finally:
@@ -99,10 +99,6 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: Callable[[di
             ray.kill(coord)
         if started_local:
             ray.shutdown()
-    extra = {k: out[k] for k in ("bytes_up", "bytes_down", "heads_joined", "heads_lost", "heads_rejected",
-                                 "late_results")}
-    return RunResult(cfg.method, out["rounds"], out["heads"], out["samples_seen"], out["wall_seconds"],
-                     out["final"], [], out["state"], extra)
 
 
 def join(run_name: str, *, address: str | None = None, namespace: str = "lte-ray", wait: bool = True,
@@ -118,7 +114,7 @@ def join(run_name: str, *, address: str | None = None, namespace: str = "lte-ray
         coord = ray.get_actor(run_name, namespace=namespace)
     except ValueError:
         raise UserError(f"--run: no run named {run_name!r} is running in namespace {namespace!r}") from None
-    cfg = Config.model_validate(ray.get(coord.config.remote()))
+    cfg: Config = ray.get(coord.config.remote())
     head_id = ray.get(coord.reserve_head_id.remote())
     here = ray.get_runtime_context().get_node_id()
     handle = head_actor(cfg, head_id, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True))

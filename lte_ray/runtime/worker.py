@@ -16,19 +16,20 @@ import ray
 import torch
 
 from lte_ray.config import Config
-from lte_ray.core.head import Head, HeadResult
+from lte_ray.core.head import Head
+from lte_ray.core.protocol import Broadcast, HeadResult
 
 CORRUPTIONS = ("nan", "shape")
 
 
 class HeadWorker:
-    def __init__(self, cfg: dict[str, Any], head_id: int, torch_threads: int = 1):
+    def __init__(self, cfg: Config, head_id: int, torch_threads: int = 1):
         torch.set_num_threads(max(1, torch_threads))
         self._corrupt: str | None = None
         # A head that cannot be built (bad data path on this node, say) reports why from info(),
         # as a task error carrying the original exception, instead of dying with a traceback string.
         try:
-            self.head = Head(Config.model_validate(cfg), head_id)
+            self.head = Head(cfg, head_id)  # the driver's resolved config: nothing is validated again
             self._init_error: Exception | None = None
         except Exception as e:  # noqa: BLE001 (re-raised by info)
             self._init_error = e
@@ -40,9 +41,9 @@ class HeadWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def train_round(self, round_idx: int, payload: dict[str, Any]) -> HeadResult:
-        # `payload` arrives resolved from the round's single ObjectRef (one ray.put per round).
-        result = self.head.train_round(round_idx, payload)
+    def train_round(self, round_idx: int, broadcast: Broadcast) -> HeadResult:
+        # `broadcast` arrives resolved from the round's single ObjectRef (one ray.put per round).
+        result = self.head.train_round(round_idx, broadcast)
         if self._corrupt:
             result, self._corrupt = _corrupted(result, self._corrupt), None
         return result
@@ -69,4 +70,4 @@ def head_actor(cfg: Config, head_id: int, **options: Any):
     """Create a HeadWorker actor with the config's resources (plus any Ray actor options)."""
     opts = {"num_cpus": cfg.ray.cpus_per_head, "num_gpus": cfg.ray.gpus_per_head, "max_restarts": 0, **options}
     actor_cls = ray.remote(HeadWorker)
-    return actor_cls.options(**opts).remote(cfg.to_dict(), head_id, torch_threads(cfg.ray.cpus_per_head))
+    return actor_cls.options(**opts).remote(cfg, head_id, torch_threads(cfg.ray.cpus_per_head))

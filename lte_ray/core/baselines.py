@@ -1,0 +1,78 @@
+"""Full-rank baselines in one process: one worker trains every weight, with a batch as large as
+all heads' together (`heads x batch_size`) and the same steps, schedule, evaluation points and
+sample budget as LTE. The optimizer is what tells the methods apart (`core.methods`):
+
+* AdamW (or SGD, `train.optimizer`) on all weights, lr `train.full_lr` (default s * lr: under
+  Adam the main weights of LTE move about s * lr per step).
+* GaLore (galore-torch's GaLoreAdamW): the targeted weight matrices' gradients projected to
+  rank r, the projection refreshed every T steps, scale 1, so the step size is the full-rank one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lte_ray.config import Config
+from lte_ray.core.head import lr_schedule, train_steps
+from lte_ray.core.history import History, RoundCallback
+from lte_ray.core.lora import main_weight_keys
+from lte_ray.core.optim import make_optimizer
+from lte_ray.core.protocol import RunResult
+from lte_ray.core.task import evaluate, resolve_device
+from lte_ray.datasets import DataBundle, batch_stream
+from lte_ray.models import build_model
+
+OptimizerFactory = Callable[[nn.Module, Config, float], torch.optim.Optimizer]  # (model, config, lr)
+
+
+def full_rank_lr(cfg: Config) -> float:
+    return cfg.train.full_lr or cfg.lte.scaling * cfg.train.lr
+
+
+def plain(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """`train.optimizer` (AdamW by default) on every weight."""
+    return make_optimizer(model.parameters(), cfg.train.optimizer, lr, cfg.train.weight_decay)
+
+
+def galore(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """GaLoreAdamW: the targeted weights' gradients projected to rank `lte.rank`, refreshed every
+    `lte.merge_every` steps; every other parameter plain AdamW."""
+    import warnings
+
+    from galore_torch import GaLoreAdamW
+
+    projected = set(main_weight_keys(model, cfg.lte.targets))
+    params = dict(model.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if n not in projected]},
+              {"params": [p for n, p in params.items() if n in projected], "rank": cfg.lte.rank,
+               "update_proj_gap": cfg.lte.merge_every, "scale": 1.0, "proj_type": "std"}]
+    with warnings.catch_warnings():  # its AdamW (from transformers) warns that it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def full_rank(cfg: Config, data: DataBundle, optimizer: OptimizerFactory,
+              on_round: RoundCallback | None = None) -> RunResult:
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.spec).to(device)
+    batch = cfg.train.batch_size * cfg.lte.heads
+    stream = batch_stream(data, batch, cfg.train.seed)
+    lr = full_rank_lr(cfg)
+    opt = optimizer(model, cfg, lr)
+    lr_at = lr_schedule(cfg, lr)
+    history = History(cfg, on_round)
+    t = cfg.lte.merge_every
+    for r in range(cfg.rounds):
+        t0 = time.perf_counter()
+        loss = train_steps(model, opt, data, stream, range(r * t, (r + 1) * t), lr_at, device, cfg.train.grad_clip)
+        t_train = time.perf_counter() - t0
+        evals = evaluate(model, data.test, data.spec.task, device) if history.eval_due(r) else None
+        history.add(r, t * batch, {0: loss}, evals, head_seconds=t_train, round_seconds=time.perf_counter() - t0,
+                    evaluation_seconds=time.perf_counter() - t0 - t_train)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return history.result(cfg.method, data.spec.task, cfg.rounds, 1, state)

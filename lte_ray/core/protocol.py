@@ -1,0 +1,141 @@
+"""The messages between LTE's components, typed, in one place so that every hop reads the same.
+
+Down, coordinator -> head, once per round: `Broadcast`. Up, head -> coordinator: `HeadResult`.
+Per merged round: `RoundRecord` (progress bar, metrics.jsonl, MLflow, Tune). At the end:
+`RunResult`, with the run's history and counters. The in-process simulator, the Ray runtime and
+the benchmarks all pass these. Inside they hold plain CPU tensors, numbers and strings, so they
+cross Ray's object store (pickle) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Literal
+
+import torch
+
+Task = Literal["classify", "lm"]  # what the data asks of a model: image classes, or the next token
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # main-weight key -> (U, V); the delta is U @ V
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+@dataclass
+class QuantizedWeights:
+    """Main weights quantized together (`core.quant`): one flat buffer in which every tensor
+    starts on a block boundary, so no block straddles two tensors."""
+
+    method: str  # "int8" | "nf4"
+    keys: list[str]
+    shapes: list[list[int]]
+    codes: torch.Tensor  # int8 codes, or NF4 codes two to a byte
+    stats: dict[str, torch.Tensor]  # int8: {"absmax"}; nf4: bitsandbytes' QuantState.as_dict(packed=True)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + _nbytes(self.stats.values())
+
+
+@dataclass
+class Broadcast:
+    """Down: the merged weights every head starts its round from."""
+
+    plain: dict[str, torch.Tensor]  # fp32: replica parameters, and the main weights when not quantized
+    quantized: QuantizedWeights | None = None  # the main weights, when quantized
+    # Carries the whole shared state. Frozen replica parameters never change, so they travel only
+    # in a head's first broadcast; the others of a round leave them out (full=False).
+    full: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.plain.values()) + (self.quantized.nbytes if self.quantized else 0)
+
+
+@dataclass
+class HeadResult:
+    """Up: what one head sends after its round, the factors of its delta and what it trained locally."""
+
+    head_id: int
+    round: int
+    factors: Factors
+    replicas: dict[str, torch.Tensor] = field(default_factory=dict)  # averaged replica parameters
+    loss: float = float("nan")  # mean training loss over the round's steps
+    samples: int = 0
+    seconds: float = 0.0  # receive + local steps
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes + v.nbytes for u, v in self.factors.values()) + _nbytes(self.replicas.values())
+
+
+@dataclass
+class RoundRecord:
+    """One merged round, as the driver sees it."""
+
+    round: int  # rounds done, 1-based
+    rounds: int  # rounds planned
+    samples_seen: int
+    train_loss: float  # mean over the merged heads of their mean training loss
+    head_losses: dict[int, float]
+    active_heads: int  # heads whose results were merged
+    elapsed: float  # seconds since the run started (continued across a resume)
+    evals: dict[str, float] = field(default_factory=dict)  # eval_* metrics, on evaluation rounds
+    bytes_up: int = 0
+    bytes_down: int = 0
+    heads_rejected: int = 0
+    round_seconds: float = 0.0
+    head_seconds: float = 0.0  # the slowest merged head's
+    quantize_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    evaluation_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Flat, as metrics.jsonl holds it: the eval metrics at the top level, head ids as strings."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "evals"}
+        out["head_losses"] = {str(k): v for k, v in self.head_losses.items()}
+        return {**out, **self.evals}
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers MLflow and Tune get: what was measured this round, and each head's loss."""
+        skip = ("round", "rounds", "elapsed", "head_losses", "evals")
+        out = {f.name: float(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        out.update(self.evals)
+        out.update({f"train_loss_head_{h}": v for h, v in self.head_losses.items()})
+        return out
+
+
+@dataclass
+class RunCounters:
+    """What crossed the wire and what happened to heads, over a whole run."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    heads_joined: int = 0
+    heads_lost: int = 0
+    heads_rejected: int = 0
+    late_results: int = 0
+
+
+@dataclass
+class RunResult:
+    """A finished run: final metrics, the merged weights, and how it got there."""
+
+    method: str
+    task: Task
+    rounds: int
+    heads: int
+    samples_seen: int
+    wall_seconds: float
+    final: dict[str, float]  # the last evaluation
+    history: list[RoundRecord] = field(default_factory=list)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the final merged weights
+    counters: RunCounters = field(default_factory=RunCounters)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's numbers, as summary.json starts."""
+        return {"method": self.method, "task": self.task, **self.final, "rounds": self.rounds,
+                "samples_seen": self.samples_seen, "heads": self.heads, "wall_seconds": round(self.wall_seconds, 3),
+                **asdict(self.counters)}

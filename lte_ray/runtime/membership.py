@@ -1,0 +1,141 @@
+"""Who takes part in a run's rounds: the heads the coordinator started, replacements for lost
+ones, heads still waiting for the cluster to fit them, and heads joining from other processes.
+
+Membership changes only at round boundaries (`admit`). A head whose process dies is dropped and,
+if the coordinator started it, replaced; the replacement joins when it is up (maybe once the
+cluster grows). A head still running a late task is left alone until it ends (staleness 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+
+from lte_ray.config import Config
+from lte_ray.core.protocol import RunCounters
+from lte_ray.errors import UserError
+from lte_ray.runtime.worker import head_actor
+
+log = logging.getLogger("lte_ray.coordinator")
+
+
+@dataclass
+class Member:
+    head_id: int
+    handle: Any
+    spawned: bool  # started by this coordinator (replaced when lost); joiners are not
+    ready: Any = None  # ObjectRef of info() while the actor starts
+    busy: Any = None  # ObjectRef of a late train_round still running
+    info: dict | None = None
+    initialized: bool = False  # has it completed a round (and so holds the full state)?
+
+    @property
+    def active(self) -> bool:
+        return self.ready is None and self.busy is None
+
+
+class Membership:
+    def __init__(self, cfg: Config, counters: RunCounters, head_options: dict[str, Any], next_head_id: int = 0):
+        self.cfg, self.counters, self.head_options = cfg, counters, head_options
+        self.next_head_id = next_head_id
+        self.members: dict[int, Member] = {}
+        self.lock = threading.RLock()  # `add` and the queries come from other threads of the actor
+        self.started = False  # has the first round begun?
+        self.done = False
+
+    def reserve_head_id(self) -> int:
+        with self.lock:
+            self.next_head_id += 1
+            return self.next_head_id - 1
+
+    def add(self, head_id: int, handle: Any) -> str | None:
+        """A head from another process joins at the next round boundary. Returns why not, or None."""
+        with self.lock:
+            if self.done:
+                return "the run has finished"
+            cap = self.cfg.ray.max_heads
+            if cap is not None and len(self.members) >= cap:
+                return f"the run is at ray.max_heads={cap}"
+            self.members[head_id] = Member(head_id, handle, spawned=False, ready=handle.info.remote())
+            log.info("head %d asked to join; it takes part from the next round", head_id)
+            return None
+
+    def spawn(self) -> None:
+        hid = self.reserve_head_id()
+        handle = head_actor(self.cfg, hid, **self.head_options)
+        self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
+
+    def lose(self, m: Member, why: str) -> None:
+        log.warning("head %d lost (%s)", m.head_id, why)
+        self.members.pop(m.head_id, None)
+        self.counters.heads_lost += 1
+        if m.spawned:
+            try:
+                ray.kill(m.handle)
+            except RayError:
+                pass
+            if sum(x.spawned for x in self.members.values()) < self.cfg.lte.heads:
+                self.spawn()  # the replacement joins when it is up (maybe once the cluster grows)
+
+    def admit(self, next_round: int) -> list[Member]:
+        """At a round boundary: heads that finished starting, or finished a late task, take part.
+        Returns the members active for round `next_round` (1-based)."""
+        with self.lock:
+            for m in list(self.members.values()):
+                self._settle(m, next_round)
+            return [m for m in self.members.values() if m.active]
+
+    def _settle(self, m: Member, next_round: int) -> None:
+        for attr in ("ready", "busy"):
+            ref = getattr(m, attr)
+            if ref is None or not ray.wait([ref], timeout=0)[0]:
+                continue
+            setattr(m, attr, None)
+            try:
+                value = ray.get(ref)
+            except RayTaskError as e:
+                if attr == "ready":  # the head could not be built: a setup error, not a fault
+                    if isinstance(e.cause, UserError):
+                        raise e.cause from None
+                    raise RuntimeError(f"head {m.head_id} could not start: {e.cause!r}") from e
+                self.lose(m, f"{type(e.cause).__name__} while busy")
+                return
+            except RayError as e:
+                self.lose(m, f"{type(e).__name__} while {'starting' if attr == 'ready' else 'busy'}")
+                return
+            if attr == "ready":
+                m.info = value
+                if self.started:  # admitted once training had begun: it joined mid-run
+                    self.counters.heads_joined += 1
+                    log.info("head %d joined at round %d", m.head_id, next_round)
+
+    def wait(self, need: int, timeout: float) -> None:
+        """Block until `need` starting or busy heads are done, or `timeout` passes."""
+        with self.lock:
+            pending = [r for m in self.members.values() for r in (m.ready, m.busy) if r is not None]
+        deadline = time.monotonic() + timeout
+        while pending and need > 0 and (left := deadline - time.monotonic()) > 0:
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            need -= len(done)
+
+    def start(self) -> None:
+        """Start the configured heads; return once a quorum is up and the others had their grace."""
+        with self.lock:
+            for _ in range(self.cfg.lte.heads):
+                self.spawn()
+        self.wait(self.cfg.ray.min_heads, self.cfg.ray.round_timeout_s)
+        self.wait(self.cfg.lte.heads, self.cfg.ray.start_grace_s)
+
+    def stop(self) -> None:
+        """No more joiners; the heads this coordinator started are killed."""
+        with self.lock:
+            self.done = True
+            for m in self.members.values():
+                if m.spawned:
+                    ray.kill(m.handle)
