@@ -30,13 +30,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
                    help="override any config field, e.g. --set lte.rank=16 (repeatable)")
     p.add_argument("--method", choices=list(METHODS),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+                   help="; ".join(f"{m.name}: {m.summary} (trains {m.trains})" for m in METHODS.values()))
     p.add_argument("--heads", type=int, help="number of LoRA heads (lte.heads)")
     p.add_argument("--rank", type=int, help="LoRA rank (lte.rank)")
     p.add_argument("--alpha", type=float, help="LoRA alpha; scaling is alpha/rank (lte.alpha)")
     p.add_argument("--merge-every", type=int, help="local steps per round, T (lte.merge_every)")
     p.add_argument("--quant", choices=get_args(Quant), help="broadcast quantization (lte.quant)")
-    p.add_argument("--rounds", type=int, help="rounds to train (train.rounds)")
+    p.add_argument("--rounds", type=int, help="rounds to train (train.rounds; clears train.total_samples)")
     p.add_argument("--lr", type=float, help="learning rate of the LoRA factors (train.lr)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--device", choices=get_args(Device), help="train.device")
@@ -108,6 +108,8 @@ def config_from_args(args: argparse.Namespace):
     overrides = parse_set(args.sets)
     overrides.update({key: getattr(args, flag) for flag, key in SHORT_FLAGS.items()
                       if getattr(args, flag, None) is not None})
+    if args.rounds is not None:  # a number of rounds asked for here replaces a sample budget from the file
+        overrides["train.total_samples"] = None
     if args.resume:
         return load_config(_resumable(args.resume), {**overrides, "output": args.resume})
     return load_config(args.config, overrides)
@@ -166,13 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from lte_ray.core.methods import get_method
     from lte_ray.outputs import default_output
     from lte_ray.run import loopback_if_local
 
     cfg = config_from_args(args)
-    if not get_method(cfg.method).on_ray:
-        raise UserError(f"method: tune sweeps LTE runs on Ray; {cfg.method} has no heads to place")
     output = cfg.output or str(default_output("sweep"))
     loopback_if_local(cfg)
     from lte_ray import tune as sweeps

@@ -32,6 +32,13 @@ class ConfigError(UserError):
     """A user mistake in the configuration; the message is one line that names the field."""
 
 
+def one_of(field: str, choices: list[str], got: object) -> str:
+    """The one-line error for a value that is not among `choices` (worded as for any other field)."""
+    names = [repr(c) for c in choices]
+    listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    return f"{field}: must be one of {listed} (got {got!r})"
+
+
 class _Section(BaseModel):
     # Unknown keys are typos, not extensions: refuse them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -92,7 +99,7 @@ class TrainConfig(_Section):
     full_lr: float | None = Field(None, gt=0)  # --method full|galore; default: lte.scaling * lr
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)  # per head
-    rounds: int = Field(DEFAULT_ROUNDS, ge=1)
+    rounds: int | None = Field(DEFAULT_ROUNDS, ge=1)  # None: the default (files of older versions hold it)
     total_samples: int | None = Field(None, ge=1)  # when given, it sets the rounds instead of `rounds`
     schedule: Literal["constant", "cosine"] = "cosine"
     warmup_rounds: int = Field(5, ge=0)
@@ -150,7 +157,7 @@ class Config(_Section):
         """`train.total_samples` in whole rounds when given, else `train.rounds`."""
         if self.train.total_samples is not None:
             return max(1, math.ceil(self.train.total_samples / self.samples_per_round))
-        return self.train.rounds
+        return self.train.rounds or DEFAULT_ROUNDS
 
     @property
     def samples_per_round(self) -> int:
@@ -172,8 +179,6 @@ class Config(_Section):
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
-        if dotted == "train.rounds" and isinstance(data.get("train"), dict):
-            data["train"].pop("total_samples", None)  # a number of rounds given later replaces a sample budget
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:

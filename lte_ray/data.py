@@ -21,14 +21,15 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from lte_ray.config import ConfigError, DataConfig, ModelConfig
+from lte_ray.config import ConfigError, DataConfig, ModelConfig, one_of
 from lte_ray.core.protocol import Task
 from lte_ray.datasets import ArrayDataset, DataBundle, DataError, DataSpec, FolderDataset, TextDataset
 
 
 def load_data(cfg: DataConfig, model: ModelConfig) -> DataBundle:
+    src = source(cfg)
     try:
-        return source(cfg).load(cfg, model)
+        return src.load(cfg, model)
     except DataError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -168,7 +169,7 @@ SOURCES: dict[str, Source] = {
     "digits": Source("classify", "none", lambda cfg, model: _digits(cfg)),
     "npz": Source("classify", "file", lambda cfg, model: _npz(cfg)),
     "folder": Source("classify", "folder", lambda cfg, model: _folder(cfg)),
-    "text": Source("lm", "any", lambda cfg, model: _text(cfg, model.context, text_files(cfg.path))),  # type: ignore[arg-type]
+    "text": Source("lm", "any", lambda cfg, model: _text(cfg, model.context, text_files(cfg.path or []))),
     "shakespeare": Source("lm", "none", lambda cfg, model: _text(cfg, model.context, shakespeare_files()),
                           check=shakespeare_files),
 }
@@ -176,8 +177,7 @@ SOURCES: dict[str, Source] = {
 
 def source(cfg: DataConfig) -> Source:
     if cfg.name not in SOURCES:
-        choices = ", ".join(repr(n) for n in SOURCES)
-        raise ConfigError(f"data.name: must be one of {choices} (got {cfg.name!r})")
+        raise ConfigError(one_of("data.name", list(SOURCES), cfg.name))
     return SOURCES[cfg.name]
 
 

@@ -62,9 +62,12 @@ class Run:
 
     def train(self, *, address: str | None = None, placement_group: Any = None,
               data: DataBundle | None = None) -> RunResult:
-        """Train, recording every round as it ends. `data` (this process only) saves loading it again."""
+        """Train, recording every round as it ends. `data`, already loaded, saves loading it again
+        in this process (Ray actors load their own)."""
         if self.backend == "local":
             return simulate(self.cfg, on_round=self.record, data=data)
+        if data is not None:
+            raise ValueError("Run.train: `data` is for the local backend; Ray actors load their own")
         from lte_ray.runtime.launch import train  # Ray is imported only by runs that use it
 
         return train(self.cfg, run_name=self.name, output_dir=str(self.out.dir), on_round=self.record,

@@ -67,19 +67,26 @@ def parse_space(grid: list[str], choice: list[str], loguniform: list[str], unifo
     return space
 
 
+def _check_trial(base: Config, values: dict[str, Any]) -> None:
+    cfg = resolve(base.replace(values))
+    if not get_method(cfg.method).on_ray:
+        raise ConfigError(f"method: tune sweeps methods that train heads on Ray; {cfg.method} has none")
+
+
 def check_space(base: Config, grid: list[str], choice: list[str]) -> None:
     """Every listed value must make a valid config, checked against the world here, once: fail
     before any trial starts (trials then apply their values without looking again)."""
     import yaml
 
+    _check_trial(base, {})
     for item in grid + choice:
         key, _, raw = item.partition("=")
         for value in raw.split(","):
-            resolve(base.replace({key.strip(): yaml.safe_load(value)}))
+            _check_trial(base, {key.strip(): yaml.safe_load(value)})
     if grid:  # combinations too (e.g. min_heads against heads)
         axes = [(k.strip(), [yaml.safe_load(v) for v in raw.split(",")]) for k, _, raw in (g.partition("=") for g in grid)]
         for combo in itertools.product(*[vals for _, vals in axes]):
-            resolve(base.replace({k: v for (k, _), v in zip(axes, combo)}))
+            _check_trial(base, {k: v for (k, _), v in zip(axes, combo)})
 
 
 def trial_resources(base: Config):

@@ -91,6 +91,36 @@ def test_the_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# docs/design.md's table, top to bottom: a module imports only from its own row or rows above.
+LAYERS = [
+    ["lte_ray", "lte_ray.errors", "lte_ray.checkpoint", "lte_ray.core"],
+    ["lte_ray.config"],
+    ["lte_ray.core.protocol"],
+    ["lte_ray.datasets", "lte_ray.data", "lte_ray.models"],
+    ["lte_ray.core.lora", "lte_ray.core.merge", "lte_ray.core.quant", "lte_ray.core.optim", "lte_ray.core.task"],
+    ["lte_ray.core.head", "lte_ray.core.master"],
+    ["lte_ray.core.history", "lte_ray.core.reference", "lte_ray.core.baselines"],
+    ["lte_ray.core.methods"],
+    ["lte_ray.core.simulate"],
+    ["lte_ray.resolve"],
+    ["lte_ray.runtime*"],
+    ["lte_ray.run", "lte_ray.outputs", "lte_ray.tracking", "lte_ray.progress"],
+    ["lte_ray.cli", "lte_ray.tune", "lte_ray.bench*"],
+]
+
+
+def layer_of(module: str) -> int:
+    for i, row in enumerate(LAYERS):
+        if any(module == m or (m.endswith("*") and module.startswith(m[:-1])) for m in row):
+            return i
+    raise AssertionError(f"{module} is in no layer of docs/design.md's table")
+
+
+def test_modules_import_only_from_their_layer_or_above():
+    upward = sorted(f"{m} -> {d}" for m, deps in import_graph().items() for d in deps if layer_of(d) > layer_of(m))
+    assert not upward, upward
+
+
 def test_core_imports_neither_ray_nor_the_runtime():
     graph = import_graph()
     reachable, todo = set(), [m for m in graph if m.startswith("lte_ray.core")]

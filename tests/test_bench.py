@@ -135,3 +135,19 @@ def test_budget_factor_extends_every_setting_but_full_rank_on_the_same_grid():
     assert lte.rounds * lte.samples_per_round == 3 * 25_600
     assert full.train.eval_every * full.samples_per_round == lte.train.eval_every * lte.samples_per_round == 2_560
     assert (full.train.full_lr, lte.train.lr) == (8e-3, 2e-3)
+
+
+def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
+    from lte_ray.bench import quality
+    from lte_ray.errors import UserError
+
+    job = {"dataset": "digits", "setting": "full", "seed": 0, "budget": 5120, "evals": 2, "device": "cpu",
+           "budget_factor": 1, "output": str(tmp_path)}
+    first = quality.run_one(job)
+    folder = tmp_path / "runs" / "digits-full-seed0"
+    assert (folder / "summary.json").exists() and len((folder / "metrics.jsonl").read_text().splitlines()) == 4
+    monkeypatch.setattr("lte_ray.run.Run.train", lambda *a, **k: pytest.fail("trained again"))
+    again = quality.run_one(job)
+    assert again["curve"] == first["curve"] and again["final"] == first["final"]
+    with pytest.raises(UserError, match="holds a finished run of another config"):
+        quality.run_one({**job, "budget": 10240})

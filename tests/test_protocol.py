@@ -15,9 +15,11 @@ from lte_ray.resolve import build_config, resolve
 
 def test_validation_is_pure_and_resolve_checks_the_world(tmp_path):
     missing = str(tmp_path / "missing.txt")
-    cases = [({"method": "nope"}, "method: unknown 'nope' (choose from lte, full, lora, lora-merge, galore)"),
+    cases = [({"method": "nope"},
+              "method: must be one of 'lte', 'full', 'lora', 'lora-merge' or 'galore' (got 'nope')"),
              ({"model.name": "resnet"}, "model.name: unknown model 'resnet'"),
-             ({"data.name": "imagenet"}, "data.name: must be one of 'digits', 'npz'"),
+             ({"data.name": "imagenet"},
+              "data.name: must be one of 'digits', 'npz', 'folder', 'text' or 'shakespeare' (got 'imagenet')"),
              ({"model.name": "gpt_nano"}, "model.name: gpt_nano needs text data"),
              ({"model.width": 30, "model.attn_heads": 4}, "model.width: 30 is not divisible by model.attn_heads=4"),
              ({"model.name": "gpt_nano", "data.name": "text", "data.path": missing}, "does not exist")]
@@ -35,15 +37,17 @@ def test_rounds_are_derived_and_the_fields_stay_as_given(tmp_path):
     assert cfg.rounds == math.ceil(12_800 / cfg.samples_per_round) == 10
     assert cfg.replace({"train.batch_size": 16}).rounds == 20  # derived again from the new fields
     path = tmp_path / "budget.yaml"
-    path.write_text("train:\n  total_samples: 12800\n")
-    from lte_ray.resolve import load_config
+    path.write_text("train:\n  rounds: 5\n  total_samples: 12800\n")
+    from lte_ray.cli import build_parser, config_from_args
 
-    assert load_config(str(path), {"train.rounds": 3}).rounds == 3  # a later --rounds replaces the budget
+    assert validate({"train": {"rounds": None}}).rounds == 60  # config.yaml files of older versions hold null
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(path)])).rounds == 10
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(path), "--rounds", "3"])).rounds == 3
 
 
 def test_methods_know_their_heads_and_where_they_run(tiny_cfg):
     cfg = tiny_cfg()
-    assert LTE.lte_config(cfg) is cfg and LTE.on_ray and LTE.title(cfg) == "lte x2"
+    assert LTE.lte_config(cfg) is cfg and LTE.on_ray and LTE.title(cfg) == "lte x2" and LORA.title(cfg) == "lora"
     lora = LORA.lte_config(cfg)
     assert (lora.lte.heads, lora.train.batch_size, lora.lte.quant, lora.lte.mode) == (1, 32, "none", "resetless")
     assert lora.rounds == cfg.rounds and lora.samples_per_round == cfg.samples_per_round
@@ -52,7 +56,7 @@ def test_methods_know_their_heads_and_where_they_run(tiny_cfg):
     with pytest.raises(UserError, match="has no heads"):
         FULL.lte_config(cfg)
     assert get_method("galore").needs.pip == "galore-torch"
-    with pytest.raises(ConfigError, match="method: unknown 'adam'"):
+    with pytest.raises(ConfigError, match="method: must be one of .* \\(got 'adam'\\)"):
         get_method("adam")
 
 

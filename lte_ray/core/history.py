@@ -55,4 +55,4 @@ class History:
     def result(self, method: str, task: Task, rounds: int, heads: int, state: dict[str, torch.Tensor],
                counters: RunCounters | None = None) -> RunResult:
         return RunResult(method, task, rounds, heads, self.samples_seen, self.elapsed, self.last_eval(),
-                         list(self.records), state, counters or RunCounters())
+                         list(self.records), state, counters)

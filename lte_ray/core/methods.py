@@ -3,7 +3,8 @@
 A method says what it trains, whether it runs as LoRA heads (and so on Ray, one actor a head),
 and how it runs in one process. The CLI's choices, `resolve`, Tune, the Ray launcher and
 `simulate` ask this registry; no other module tests a method's name. (Flower's Strategy and
-timm's model registry are the models: one object per method, looked up by name.)
+timm's model registry are the models: one object per method, looked up by name.) The loops are
+imported when a method runs, so the registry stays light enough for `lte-ray --help`.
 
 * lte:        N heads, each on its own batches, merged every T steps.
 * lora:       one head of rank r with batch N*b, quantization off. A single reset-less head's
@@ -17,15 +18,15 @@ timm's model registry are the models: one object per method, looked up by name.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-from lte_ray.config import Config, ConfigError
-from lte_ray.core import baselines
-from lte_ray.core.history import RoundCallback
-from lte_ray.core.protocol import RunResult
-from lte_ray.core.reference import run_heads
-from lte_ray.datasets import DataBundle
+from lte_ray.config import Config, ConfigError, one_of
 from lte_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from lte_ray.core.history import RoundCallback
+    from lte_ray.core.protocol import RunResult
+    from lte_ray.datasets import DataBundle
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Package:
 @dataclass(frozen=True)
 class Method:
     name: str
-    summary: str  # what it is, in a line (`lte-ray train --help`)
+    summary: str  # what it is, in a line
     trains: str  # which parameters move, and how
     needs: Package | None = None
 
@@ -61,22 +62,32 @@ class Method:
 
 @dataclass(frozen=True)
 class HeadsMethod(Method):
-    """Trains LoRA heads merged into the main weights: LTE, or a special case of it."""
+    """Trains LoRA heads merged into the main weights: LTE, or a one-head special case of it."""
 
-    # The dotted overrides that make `cfg` the LTE config this method's heads run; None: as it is.
-    as_lte: Callable[[Config], dict[str, Any]] | None = None
+    one_head: bool = False  # one head with all heads' batch: the same steps and samples as LTE
+    reset: bool = False  # factors and their optimizer state restart at every merge
 
     @property
     def on_ray(self) -> bool:
         return True
 
     def lte_config(self, cfg: Config) -> Config:
-        return cfg.replace(self.as_lte(cfg)) if self.as_lte else cfg
+        if not self.one_head:
+            return cfg
+        return cfg.replace({
+            "lte.heads": 1, "train.batch_size": cfg.train.batch_size * cfg.lte.heads,
+            "lte.mode": "reset" if self.reset else "resetless",
+            # Without resets the merges leave the function unchanged: with exact weights, plain LoRA.
+            "lte.quant": cfg.lte.quant if self.reset else "none",
+            "train.rounds": cfg.rounds, "train.total_samples": None,
+        })
 
     def title(self, cfg: Config) -> str:
-        return f"{self.name} x{self.lte_config(cfg).lte.heads}"
+        return self.name if self.one_head else f"{self.name} x{cfg.lte.heads}"
 
     def run_local(self, cfg: Config, data: DataBundle, on_round: RoundCallback | None = None) -> RunResult:
+        from lte_ray.core.reference import run_heads
+
         return run_heads(self.lte_config(cfg), data, on_round)
 
 
@@ -84,40 +95,31 @@ class HeadsMethod(Method):
 class FullRankMethod(Method):
     """One worker trains every weight (`core.baselines`); it has no heads, so it runs in-process."""
 
-    optimizer: baselines.OptimizerFactory = baselines.plain
+    galore: bool = False  # the targeted weights' gradients projected to rank r
 
     def run_local(self, cfg: Config, data: DataBundle, on_round: RoundCallback | None = None) -> RunResult:
-        return baselines.full_rank(cfg, data, self.optimizer, on_round)
+        from lte_ray.core import baselines
 
-
-def _one_head(reset: bool) -> Callable[[Config], dict[str, Any]]:
-    """One head with all heads' batch, for the same steps and samples as LTE."""
-    def overrides(cfg: Config) -> dict[str, Any]:
-        return {"lte.heads": 1, "train.batch_size": cfg.train.batch_size * cfg.lte.heads,
-                "lte.mode": "reset" if reset else "resetless", "lte.quant": cfg.lte.quant if reset else "none",
-                "train.rounds": cfg.rounds, "train.total_samples": None}
-
-    return overrides
+        return baselines.full_rank(cfg, data, baselines.galore if self.galore else baselines.plain, on_round)
 
 
 LTE = HeadsMethod("lte", "LoRA-the-Explorer: N heads on their own batches, merged every T steps",
-                  "the LoRA factors of every head; the main weights move only through merges")
-LORA = HeadsMethod("lora", "one LoRA head of rank r on the initial weights (batch N x b), never merged",
-                   "one head's LoRA factors", as_lte=_one_head(reset=False))
-LORA_MERGE = HeadsMethod("lora-merge", "one LoRA head merged every T steps, factors and their optimizer state "
-                         "reset (ReLoRA-style)", "one head's LoRA factors, restarted at every merge",
-                         as_lte=_one_head(reset=True))
+                  "every head's LoRA factors; the main weights move only through merges")
+LORA = HeadsMethod("lora", "one LoRA head of rank r on the initial weights (batch N x b)", "one head's LoRA factors",
+                   one_head=True)
+LORA_MERGE = HeadsMethod("lora-merge", "one LoRA head merged every T steps and restarted (ReLoRA-style)",
+                         "one head's LoRA factors, reset with their optimizer state at every merge",
+                         one_head=True, reset=True)
 FULL = FullRankMethod("full", "full-rank AdamW, batch N x b, lr train.full_lr (default s x lr), in-process",
-                      "every weight", optimizer=baselines.plain)
-GALORE = FullRankMethod(
-    "galore", "full-rank with the targeted weights' gradients projected to rank r (GaLore), in-process",
-    "every weight; the targeted ones with rank-r optimizer state", needs=Package("galore_torch", "galore-torch"),
-    optimizer=baselines.galore)
+                      "every weight")
+GALORE = FullRankMethod("galore", "full-rank with GaLore-projected gradients, in-process",
+                        "every weight; the targeted ones with rank-r optimizer state",
+                        needs=Package("galore_torch", "galore-torch"), galore=True)
 
 METHODS: dict[str, Method] = {m.name: m for m in (LTE, FULL, LORA, LORA_MERGE, GALORE)}
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ConfigError(f"method: unknown {name!r} (choose from {', '.join(METHODS)})")
+        raise ConfigError(one_of("method", list(METHODS), name))
     return METHODS[name]

@@ -72,7 +72,8 @@ class HeadResult:
 
 @dataclass
 class RoundRecord:
-    """One merged round, as the driver sees it."""
+    """One merged round, as the driver sees it. A measurement a backend does not make (no
+    checkpoints in-process, no traffic for a full-rank worker) stays None and is left out."""
 
     round: int  # rounds done, 1-based
     rounds: int  # rounds planned
@@ -82,26 +83,30 @@ class RoundRecord:
     active_heads: int  # heads whose results were merged
     elapsed: float  # seconds since the run started (continued across a resume)
     evals: dict[str, float] = field(default_factory=dict)  # eval_* metrics, on evaluation rounds
-    bytes_up: int = 0
-    bytes_down: int = 0
-    heads_rejected: int = 0
-    round_seconds: float = 0.0
-    head_seconds: float = 0.0  # the slowest merged head's
-    quantize_seconds: float = 0.0
-    merge_seconds: float = 0.0
-    evaluation_seconds: float = 0.0
-    checkpoint_seconds: float = 0.0
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    heads_rejected: int | None = None
+    round_seconds: float | None = None
+    head_seconds: float | None = None  # the slowest merged head's
+    quantize_seconds: float | None = None
+    merge_seconds: float | None = None
+    evaluation_seconds: float | None = None
+    checkpoint_seconds: float | None = None
+
+    def _measured(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "evals" and getattr(self, f.name) is not None}
 
     def to_json(self) -> dict[str, Any]:
         """Flat, as metrics.jsonl holds it: the eval metrics at the top level, head ids as strings."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "evals"}
+        out = self._measured()
         out["head_losses"] = {str(k): v for k, v in self.head_losses.items()}
         return {**out, **self.evals}
 
     def metrics(self) -> dict[str, float]:
         """The numbers MLflow and Tune get: what was measured this round, and each head's loss."""
-        skip = ("round", "rounds", "elapsed", "head_losses", "evals")
-        out = {f.name: float(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        skip = ("round", "rounds", "elapsed", "head_losses")
+        out = {k: float(v) for k, v in self._measured().items() if k not in skip}
         out.update(self.evals)
         out.update({f"train_loss_head_{h}": v for h, v in self.head_losses.items()})
         return out
@@ -132,10 +137,10 @@ class RunResult:
     final: dict[str, float]  # the last evaluation
     history: list[RoundRecord] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the final merged weights
-    counters: RunCounters = field(default_factory=RunCounters)
+    counters: RunCounters | None = None  # None: a run without heads (nothing to send, nobody to lose)
 
     def summary(self) -> dict[str, Any]:
         """The run's numbers, as summary.json starts."""
         return {"method": self.method, "task": self.task, **self.final, "rounds": self.rounds,
                 "samples_seen": self.samples_seen, "heads": self.heads, "wall_seconds": round(self.wall_seconds, 3),
-                **asdict(self.counters)}
+                **(asdict(self.counters) if self.counters else {})}

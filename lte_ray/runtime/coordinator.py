@@ -71,19 +71,14 @@ class Coordinator:
         return self.history.records[index:]
 
     def status(self) -> dict[str, Any]:
-        with self.members.lock:
-            return {"round": self.round, "rounds": self.cfg.rounds, "done": self.members.done,
-                    "active_heads": sum(m.active for m in self.members.members.values()),
-                    "members": sorted(self.members.members)}
+        return {"round": self.round, "rounds": self.cfg.rounds, **self.members.status()}
 
     def workers(self) -> dict[int, dict[str, Any]]:
         """Info (pid, device, GPU ids, node) of every head that has started."""
-        with self.members.lock:
-            return {hid: m.info for hid, m in self.members.members.items() if m.info}
+        return self.members.infos()
 
     def worker_handles(self) -> dict[int, Any]:
-        with self.members.lock:
-            return {hid: m.handle for hid, m in self.members.members.items()}
+        return self.members.handles()
 
     def reserve_head_id(self) -> int:
         return self.members.reserve_head_id()
@@ -99,9 +94,7 @@ class Coordinator:
         failed = 0
         try:  # whatever happens, the heads this coordinator started are stopped at the end
             # Start once a quorum is up; heads the cluster cannot fit yet join when it grows.
-            self.members.start()
-            self.members.admit(self.round + 1)
-            self.members.started = True
+            self.members.start(self.round + 1)
             while self.round < cfg.rounds:
                 active = self.members.admit(self.round + 1)
                 if len(active) < cfg.ray.min_heads:
@@ -139,12 +132,10 @@ class Coordinator:
         futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref): m for m in active}
         ready, late = ray.wait(list(futures), num_returns=len(futures), timeout=cfg.ray.round_timeout_s)
         results, bytes_up, rejected = self._collect(ready, futures)
-        with self.members.lock:
-            for f in late:
-                log.warning("round %d: head %d missed the %gs deadline; its result will be discarded",
-                            r + 1, futures[f].head_id, cfg.ray.round_timeout_s)
-                futures[f].busy = f
-                self.counters.late_results += 1
+        for f in late:
+            log.warning("round %d: head %d missed the %gs deadline; its result will be discarded",
+                        r + 1, futures[f].head_id, cfg.ray.round_timeout_s)
+            self.members.mark_late(futures[f], f)
         bytes_down = broadcast.nbytes * (len(futures) - len(new)) + full.nbytes * len(new)
         self.counters.bytes_up += bytes_up
         self.counters.bytes_down += bytes_down
@@ -175,23 +166,22 @@ class Coordinator:
         """The valid results among `ready`, the bytes they uploaded, and how many were rejected."""
         results: list[HeadResult] = []
         bytes_up = rejected = 0
-        with self.members.lock:
-            for f in ready:
-                m = futures[f]
-                try:
-                    res: HeadResult = ray.get(f)
-                except (RayError, GetTimeoutError) as e:
-                    self.members.lose(m, type(e).__name__)
-                    continue
-                m.initialized = True
-                bytes_up += res.nbytes
-                why = check_result(res.factors, res.replicas, self.master.state, self.master.quant_keys,
-                                   self.cfg.ray.max_delta_ratio)
-                if why:
-                    log.warning("round %d: rejected head %d: %s", self.round + 1, m.head_id, why)
-                    rejected += 1
-                    continue
-                results.append(res)
+        for f in ready:
+            m = futures[f]
+            try:
+                res: HeadResult = ray.get(f)
+            except (RayError, GetTimeoutError) as e:
+                self.members.lose(m, type(e).__name__)
+                continue
+            m.initialized = True
+            bytes_up += res.nbytes
+            why = check_result(res.factors, res.replicas, self.master.state, self.master.quant_keys,
+                               self.cfg.ray.max_delta_ratio)
+            if why:
+                log.warning("round %d: rejected head %d: %s", self.round + 1, m.head_id, why)
+                rejected += 1
+                continue
+            results.append(res)
         return results, bytes_up, rejected
 
     def _checkpoint(self, samples_seen: int) -> None:

@@ -67,21 +67,29 @@ class Membership:
             return None
 
     def spawn(self) -> None:
-        hid = self.reserve_head_id()
-        handle = head_actor(self.cfg, hid, **self.head_options)
-        self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
+        with self.lock:
+            hid = self.reserve_head_id()
+            handle = head_actor(self.cfg, hid, **self.head_options)
+            self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
 
     def lose(self, m: Member, why: str) -> None:
         log.warning("head %d lost (%s)", m.head_id, why)
-        self.members.pop(m.head_id, None)
-        self.counters.heads_lost += 1
-        if m.spawned:
-            try:
-                ray.kill(m.handle)
-            except RayError:
-                pass
-            if sum(x.spawned for x in self.members.values()) < self.cfg.lte.heads:
-                self.spawn()  # the replacement joins when it is up (maybe once the cluster grows)
+        with self.lock:
+            self.members.pop(m.head_id, None)
+            self.counters.heads_lost += 1
+            if m.spawned:
+                try:
+                    ray.kill(m.handle)
+                except RayError:
+                    pass
+                if sum(x.spawned for x in self.members.values()) < self.cfg.lte.heads:
+                    self.spawn()  # the replacement joins when it is up (maybe once the cluster grows)
+
+    def mark_late(self, m: Member, ref: Any) -> None:
+        """`m` missed the round's deadline: it sits out until `ref`, its late task, ends."""
+        with self.lock:
+            m.busy = ref
+            self.counters.late_results += 1
 
     def admit(self, next_round: int) -> list[Member]:
         """At a round boundary: heads that finished starting, or finished a late task, take part.
@@ -124,13 +132,29 @@ class Membership:
             done, pending = ray.wait(pending, num_returns=1, timeout=left)
             need -= len(done)
 
-    def start(self) -> None:
-        """Start the configured heads; return once a quorum is up and the others had their grace."""
-        with self.lock:
-            for _ in range(self.cfg.lte.heads):
-                self.spawn()
+    def start(self, first_round: int) -> None:
+        """Start the configured heads; return once a quorum is up and the others had their grace.
+        Heads admitted after this joined mid-run."""
+        for _ in range(self.cfg.lte.heads):
+            self.spawn()
         self.wait(self.cfg.ray.min_heads, self.cfg.ray.round_timeout_s)
         self.wait(self.cfg.lte.heads, self.cfg.ray.start_grace_s)
+        self.admit(first_round)
+        self.started = True
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"active_heads": sum(m.active for m in self.members.values()), "members": sorted(self.members),
+                    "done": self.done}
+
+    def infos(self) -> dict[int, dict[str, Any]]:
+        """Info (pid, device, GPU ids, node) of every head that has started."""
+        with self.lock:
+            return {hid: m.info for hid, m in self.members.items() if m.info}
+
+    def handles(self) -> dict[int, Any]:
+        with self.lock:
+            return {hid: m.handle for hid, m in self.members.items()}
 
     def stop(self) -> None:
         """No more joiners; the heads this coordinator started are killed."""
