@@ -102,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from lte_ray.config import parse_set
+    from lte_ray.config import parse_set, rounds_override
     from lte_ray.resolve import load_config
 
     overrides = parse_set(args.sets)
     overrides.update({key: getattr(args, flag) for flag, key in SHORT_FLAGS.items()
                       if getattr(args, flag, None) is not None})
-    if args.rounds is not None:  # a number of rounds asked for here replaces a sample budget from the file
-        overrides["train.total_samples"] = None
+    if args.rounds is not None:  # replaces a sample budget from the file too
+        overrides.update(rounds_override(args.rounds))
     if args.resume:
         return load_config(_resumable(args.resume), {**overrides, "output": args.resume})
     return load_config(args.config, overrides)

@@ -251,6 +251,12 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def rounds_override(rounds: int) -> dict[str, Any]:
+    """The overrides that make a run train `rounds` rounds: a sample budget, which would set the
+    rounds instead, is cleared."""
+    return {"train.rounds": rounds, "train.total_samples": None}
+
+
 def validate(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """`base` (e.g. from YAML) with dotted `overrides` applied on top, validated; pure. Loading a
     config for a run is `lte_ray.resolve.load_config`, which also checks it against the world."""

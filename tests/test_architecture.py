@@ -166,7 +166,7 @@ def test_no_file_under_lte_ray_is_over_300_lines():
 
 
 def test_only_the_config_module_validates_a_config():
-    """Actors and trials get the resolved Config object; nothing re-validates it on the way."""
+    """Actors and trials get the resolved Config object; no other module turns a dict into a Config."""
     users = sorted(str(p.relative_to(ROOT)) for p in MODULES.values() if "model_validate(" in p.read_text())
     assert users == ["lte_ray/config.py"]
 

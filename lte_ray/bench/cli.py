@@ -73,16 +73,17 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 def cmd_bench_system(args: argparse.Namespace) -> int:
     from lte_ray.bench.system import bench_system, markdown
-    from lte_ray.config import parse_set
+    from lte_ray.config import parse_set, rounds_override
     from lte_ray.core.methods import LTE, get_method
     from lte_ray.outputs import default_output
     from lte_ray.resolve import load_config
     from lte_ray.run import loopback_if_local
 
     overrides = parse_set(args.sets)
-    overrides.update({k: v for k, v in (("train.rounds", args.rounds), ("ray.address", args.address)) if v is not None})
+    if args.address is not None:
+        overrides["ray.address"] = args.address
     if args.rounds is not None:
-        overrides["train.total_samples"] = None
+        overrides.update(rounds_override(args.rounds))
     cfg = load_config(args.config, overrides)
     if cfg.rounds < 2:
         raise UserError(f"train.rounds: bench system needs at least 2 rounds (got {cfg.rounds})")

@@ -183,7 +183,8 @@ def bench_system(cfg: Config, output: str) -> dict[str, Any]:
         "throughput": {"ray_samples_per_s": ray_sps, "simulate_samples_per_s": sim_sps,
                        "ray_over_simulate": ray_sps / sim_sps, "ray_wall_seconds": ray_wall,
                        "simulate_wall_seconds": sim_wall, "ray_final": records[-1] if records else {},
-                       "simulate_final": sim_records[-1] if sim_records else {}, "torch_threads_simulate": torch.get_num_threads(),
+                       "simulate_final": sim_records[-1] if sim_records else {},
+                       "torch_threads_simulate": torch.get_num_threads(),
                        "cpus_per_head": cfg.ray.cpus_per_head},
         "rounds_detail": records,
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lte_ray.config import Config, ConfigError, one_of
+from lte_ray.config import Config, ConfigError, one_of, rounds_override
 from lte_ray.errors import UserError
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class HeadsMethod(Method):
             "lte.mode": "reset" if self.reset else "resetless",
             # Without resets the merges leave the function unchanged: with exact weights, plain LoRA.
             "lte.quant": cfg.lte.quant if self.reset else "none",
-            "train.rounds": cfg.rounds, "train.total_samples": None,
+            **rounds_override(cfg.rounds),
         })
 
     def title(self, cfg: Config) -> str:
