@@ -25,6 +25,9 @@ from lte_ray.errors import UserError
 
 Quant = Literal["none", "int8", "nf4"]  # what the broadcast of the main weights carries
 Device = Literal["auto", "cpu", "cuda"]
+# auto: tf32 on CUDA, fp32 on CPU. bf16 autocasts the forward; weights, LoRA factors, their
+# gradients and optimizer state, the merge and evaluation stay fp32.
+Precision = Literal["auto", "fp32", "tf32", "bf16"]
 DEFAULT_ROUNDS = 60
 
 
@@ -108,6 +111,10 @@ class TrainConfig(_Section):
     eval_every: int = Field(10, ge=1)  # rounds
     seed: int = 0
     device: Device = "auto"
+    precision: Precision = "auto"
+    # Recompute each transformer block's activations in backward instead of keeping them (heads
+    # and the full-rank baseline alike): far less activation memory for about a third more compute.
+    activation_checkpointing: bool = False
 
 
 class RayConfig(_Section):

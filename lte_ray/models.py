@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lte_ray.config import ConfigError, ModelConfig
@@ -31,6 +32,13 @@ _GPT = {"gpt_nano": dict(depth=4, width=128, attn_heads=4), "gpt_mini": dict(dep
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     return model_family(cfg.name).build(cfg, spec)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each block in backward instead of keeping its activations (`train.
+    activation_checkpointing`): timm's `set_grad_checkpointing` for ViT and Mixer (non-reentrant
+    `torch.utils.checkpoint`), the same method on our GPT."""
+    model.set_grad_checkpointing(enabled)
 
 
 def _set(kwargs: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -130,6 +138,7 @@ class GPT(nn.Module):
                  attn_heads: int = 4, mlp_ratio: float = 4.0):
         super().__init__()
         self.context = context
+        self.grad_checkpointing = False
         self.tok_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context, width))
         self.blocks = nn.ModuleList(Block(width, attn_heads, mlp_ratio) for _ in range(depth))
@@ -141,11 +150,19 @@ class GPT(nn.Module):
             if name.endswith("proj.weight") or name.endswith("fc2.weight"):  # GPT-2 residual scaling
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """As timm's models: checkpoint every block when training (`torch.utils.checkpoint`)."""
+        self.grad_checkpointing = enable
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.context:
             raise ValueError(f"sequence of {t} tokens exceeds model.context={self.context}")
         x = self.tok_embed(idx) + self.pos_embed[:, :t]
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: gradients reach the block's parameters even when x needs none.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.norm(x))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lte_ray.core import merge, quant
-from lte_ray.core.lora import lte_layers
 from lte_ray.core.head import Head
+from lte_ray.core.lora import lte_layers
 from lte_ray.core.master import MasterWeights
 from lte_ray.data import load_data
 from lte_ray.models import build_model
@@ -18,10 +18,12 @@ def _outputs(model, x):
         return model(x)
 
 
-@pytest.mark.parametrize("q", ["none", "nf4"])
+@pytest.mark.parametrize("q,keep", [("none", False), ("int8", False), ("int8", True), ("nf4", False),
+                                    ("nf4", True)])
 @pytest.mark.parametrize("replicas", ["frozen", "average"])
-def test_head_starts_every_round_at_the_merged_model(tiny_cfg, q, replicas):
-    cfg = tiny_cfg(**{"lte.quant": q, "lte.replicas": replicas})
+def test_head_starts_every_round_at_the_merged_model(tiny_cfg, q, keep, replicas):
+    """Dense main weights (folded snapshot) and packed ones (`keep`: snapshot term in forward)."""
+    cfg = tiny_cfg(**{"lte.quant": q, "lte.replicas": replicas, "lte.keep_quantized": keep})
     data = load_data(cfg.data, cfg.model)
     master = MasterWeights(cfg, data)
     heads = [Head(cfg, i, data, "cpu") for i in range(cfg.lte.heads)]

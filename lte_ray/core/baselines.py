@@ -16,15 +16,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lte_ray.batches import training_batches
 from lte_ray.config import Config
 from lte_ray.core.head import lr_schedule, train_steps
 from lte_ray.core.history import History, RoundCallback
 from lte_ray.core.lora import main_weight_keys
 from lte_ray.core.optim import make_optimizer
+from lte_ray.core.precision import resolve_precision, set_matmul_precision
 from lte_ray.core.protocol import RunResult
 from lte_ray.core.task import evaluate, resolve_device
-from lte_ray.datasets import DataBundle, batch_stream
-from lte_ray.models import build_model
+from lte_ray.datasets import DataBundle
+from lte_ray.models import build_model, set_activation_checkpointing
 
 OptimizerFactory = Callable[[nn.Module, Config, float], torch.optim.Optimizer]  # (model, config, lr)
 
@@ -58,10 +60,13 @@ def galore(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
 def full_rank(cfg: Config, data: DataBundle, optimizer: OptimizerFactory,
               on_round: RoundCallback | None = None) -> RunResult:
     device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    set_matmul_precision(precision, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.spec).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     batch = cfg.train.batch_size * cfg.lte.heads
-    stream = batch_stream(data, batch, cfg.train.seed)
+    batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda")
     lr = full_rank_lr(cfg)
     opt = optimizer(model, cfg, lr)
     lr_at = lr_schedule(cfg, lr)
@@ -69,7 +74,8 @@ def full_rank(cfg: Config, data: DataBundle, optimizer: OptimizerFactory,
     t = cfg.lte.merge_every
     for r in range(cfg.rounds):
         t0 = time.perf_counter()
-        loss = train_steps(model, opt, data, stream, range(r * t, (r + 1) * t), lr_at, device, cfg.train.grad_clip)
+        loss = train_steps(model, opt, batches, range(r * t, (r + 1) * t), lr_at, device, cfg.train.grad_clip,
+                           precision)
         t_train = time.perf_counter() - t0
         evals = evaluate(model, data.test, data.spec.task, device) if history.eval_due(r) else None
         history.add(r, t * batch, {0: loss}, evals, head_seconds=t_train, round_seconds=time.perf_counter() - t0,

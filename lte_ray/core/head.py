@@ -8,19 +8,21 @@ stream are seeded from them, so it behaves the same in-process or in a Ray actor
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from lte_ray.batches import Batch, training_batches
 from lte_ray.config import Config
 from lte_ray.core import lora, merge, quant
 from lte_ray.core.optim import lr_factor, make_optimizer, set_lr
+from lte_ray.core.precision import autocast, resolve_precision, set_matmul_precision
 from lte_ray.core.protocol import Broadcast, Factors, HeadResult
 from lte_ray.core.task import loss_fn, resolve_device
 from lte_ray.data import load_data
-from lte_ray.datasets import BatchStream, DataBundle, batch_stream
-from lte_ray.models import build_model
+from lte_ray.datasets import DataBundle
+from lte_ray.models import build_model, set_activation_checkpointing
 
 
 def head_seed(seed: int, head_id: int) -> int:
@@ -34,17 +36,18 @@ def lr_schedule(cfg: Config, lr: float) -> Callable[[int], float]:
     return lambda step: lr * lr_factor(step, cfg.total_steps, warmup, t.schedule, t.min_lr_ratio)
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, data: DataBundle, stream: BatchStream,
-                steps: range, lr_at: Callable[[int], float], device: torch.device,
-                grad_clip: float | None = None) -> float:
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[Batch], steps: range,
+                lr_at: Callable[[int], float], device: torch.device, grad_clip: float | None = None,
+                precision: str = "fp32") -> float:
     """Run the optimizer over `steps` (global step numbers); returns the mean training loss."""
     model.train()
     total = torch.zeros((), device=device)
     params = [p for g in opt.param_groups for p in g["params"]]
     for step in steps:
         set_lr(opt, lr_at(step))
-        x, y = data.train.batch(stream.next())
-        loss = loss_fn(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        x, y = next(batches)
+        with autocast(precision, device):  # the forward only; backward follows the forward's dtypes
+            loss = loss_fn(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -55,13 +58,18 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, data: DataBundle, 
 
 
 class Head:
+    """`loader_workers`: processes that decode image-folder batches ahead (see `lte_ray.batches`)."""
+
     def __init__(self, cfg: Config, head_id: int, data: DataBundle | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, loader_workers: int = 0):
         self.cfg, self.head_id = cfg, head_id
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        set_matmul_precision(self.precision, self.device)
         self.data = data if data is not None else load_data(cfg.data, cfg.model)
         seed = cfg.train.seed if cfg.data.same_batches else head_seed(cfg.train.seed, head_id)
-        self.stream = batch_stream(self.data, cfg.train.batch_size, seed)
+        self.batches = training_batches(self.data, cfg.train.batch_size, seed, loader_workers,
+                                        pin_memory=self.device.type == "cuda")
         self.gen = torch.Generator().manual_seed(head_seed(cfg.train.seed, head_id))
 
         model = build_model(cfg.model, self.data.spec)
@@ -69,6 +77,7 @@ class Head:
         lora.to_lte(model, lte.rank, lte.alpha, lte.targets, resetless=lte.mode == "resetless")
         lora.init_factors(model, self.gen)
         lora.set_trainable(model, train_replicas=lte.replicas == "average")
+        set_activation_checkpointing(model, cfg.train.activation_checkpointing)
         self.model = model.to(self.device)
         self.opt = make_optimizer(model.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
         self.lr_at = lr_schedule(cfg, cfg.train.lr)
@@ -88,6 +97,7 @@ class Head:
         self.received = True
         if self.cfg.lte.mode == "resetless":
             lora.snapshot(self.model)
+            lora.fold(self.model)  # dense main weights: the snapshot term costs nothing per step
         elif self.rounds_done:  # reset: fresh factors and fresh optimizer state for them
             lora.init_factors(self.model, self.gen)
             for layer in lora.lte_layers(self.model).values():
@@ -98,8 +108,8 @@ class Head:
         start = time.perf_counter()
         self.receive(broadcast)
         t = self.cfg.lte.merge_every
-        loss = train_steps(self.model, self.opt, self.data, self.stream, range(round_idx * t, (round_idx + 1) * t),
-                           self.lr_at, self.device, self.cfg.train.grad_clip)
+        loss = train_steps(self.model, self.opt, self.batches, range(round_idx * t, (round_idx + 1) * t),
+                           self.lr_at, self.device, self.cfg.train.grad_clip, self.precision)
         self.rounds_done += 1
         return HeadResult(
             head_id=self.head_id, round=round_idx, factors=self.export_factors(), replicas=self.export_replicas(),

@@ -6,8 +6,10 @@ last merge. With s = alpha / r the forward during local training is
 
     y = W x + b + s * B A x - s * B_prev A_prev x        (reset-less, the paper's default)
 
-so at the start of every round the head computes exactly the merged model. In "reset" mode the
-factors are re-initialized at every merge instead (B = 0), and there is no snapshot term.
+so at the start of every round the head computes exactly the merged model. A head with dense
+main weights folds the snapshot term into its copy of W when a round starts (W' = W - s B_prev
+A_prev, once), so its steps compute `W' x + b + s B A x`: the cost of plain LoRA. In "reset"
+mode the factors are re-initialized at every merge instead (B = 0), and there is no snapshot term.
 
 The main weight keeps the name `<layer>.weight` and the bias `<layer>.bias`, so the model's
 non-LoRA state dict has the same keys as the plain model's: that is the "shared state" the
@@ -28,22 +30,37 @@ from lte_ray.errors import UserError
 LORA_KEYS = ("lora_A", "lora_B", "lora_A_prev", "lora_B_prev")
 
 
-class _PackedLinear(torch.autograd.Function):
-    """x @ dequant(W)^T that keeps only the packed W: the fp32 weight is rebuilt in forward and
-    again in backward (for the input gradient), never held between them (as QLoRA does)."""
+class _FrozenPath(torch.autograd.Function):
+    """x @ W^T - s (x @ A'^T) @ B'^T, the part of the forward no gradient flows into but x's.
+
+    Nothing is saved for backward but references to the layer's own tensors: no activation, no
+    rank-r intermediate. A packed W (`lte.keep_quantized`) is dequantized in forward and again in
+    backward, never held between them (as QLoRA does). Under autocast the products run in its
+    dtype, as `F.linear` would."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed) -> torch.Tensor:  # type: ignore[override]
-        ctx.packed = packed
-        return F.linear(x, packed.dequantize().to(x.dtype))
+    def forward(ctx, x: torch.Tensor, layer: "LTELinear") -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        y = F.linear(x, layer.frozen_weight().to(x.dtype))
+        if layer.unfolded_snapshot():
+            y = y - layer.scaling * F.linear(F.linear(x, layer.lora_A_prev.to(x.dtype)), layer.lora_B_prev.to(x.dtype))
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad @ ctx.packed.dequantize().to(grad.dtype), None
+        layer = ctx.layer
+        dx = grad @ layer.frozen_weight().to(grad.dtype)
+        if layer.unfolded_snapshot():
+            dx = dx - layer.scaling * (grad @ layer.lora_B_prev.to(grad.dtype)) @ layer.lora_A_prev.to(grad.dtype)
+        return dx, None
 
 
 class LTELinear(nn.Module):
-    """A `nn.Linear` whose weight is frozen and moves only through merged LoRA deltas."""
+    """A `nn.Linear` whose weight is frozen and moves only through merged LoRA deltas.
+
+    A head folds its snapshot into its own copy of W once per round (`fold`), so its forward is
+    `W' x + b + s B A x` with W' = W - s B_prev A_prev: no per-step snapshot term at all. A packed
+    W cannot be folded; its snapshot term goes through `_FrozenPath`, which saves nothing."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, resetless: bool = True):
         super().__init__()
@@ -57,11 +74,18 @@ class LTELinear(nn.Module):
         self.register_buffer("lora_A_prev", torch.zeros_like(self.lora_A))
         self.register_buffer("lora_B_prev", torch.zeros_like(self.lora_B))
         self.packed = None  # a quant.PackedWeight when the head keeps W quantized (lte.keep_quantized)
+        self.folded = False  # does `weight` hold W - s B_prev A_prev (see `fold`)?
 
     def set_packed(self, packed) -> None:
         """Compute with this packed main weight from now on, and free the fp32 one."""
-        self.packed = packed
-        self.weight = None
+        self.packed, self.weight, self.folded = packed, None, False
+
+    def frozen_weight(self) -> torch.Tensor:
+        return self.packed.dequantize() if self.packed is not None else self.weight
+
+    def unfolded_snapshot(self) -> bool:
+        """Does the forward still owe the `- s B_prev A_prev x` term?"""
+        return self.resetless and not self.folded
 
     @torch.no_grad()
     def init_factors(self, generator: torch.Generator | None = None) -> None:
@@ -74,21 +98,25 @@ class LTELinear(nn.Module):
 
     @torch.no_grad()
     def snapshot(self) -> None:
+        if self.folded:  # W' holds the old snapshot; a new one would be subtracted from the wrong W
+            raise RuntimeError("snapshot of a folded layer: load its main weight first")
         self.lora_A_prev.copy_(self.lora_A)
         self.lora_B_prev.copy_(self.lora_B)
 
+    @torch.no_grad()
+    def fold(self) -> None:
+        """W <- W - s B_prev A_prev, once, right after W was loaded and the snapshot taken."""
+        if self.unfolded_snapshot() and self.packed is None:
+            self.weight.addmm_(self.lora_B_prev, self.lora_A_prev, alpha=-self.scaling)
+            self.folded = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            y = _PackedLinear.apply(x, self.packed)
+        if self.unfolded_snapshot() or self.packed is not None:
+            y = _FrozenPath.apply(x, self)
             y = y + self.bias if self.bias is not None else y
         else:
             y = F.linear(x, self.weight, self.bias)
-        if self.resetless:
-            a = torch.cat([self.lora_A, self.lora_A_prev])
-            b = torch.cat([self.lora_B, -self.lora_B_prev], dim=1)
-        else:
-            a, b = self.lora_A, self.lora_B
-        return y + self.scaling * F.linear(F.linear(x, a), b)
+        return torch.add(y, F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scaling)  # one op, not two
 
     @torch.no_grad()
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +170,12 @@ def snapshot(model: nn.Module) -> None:
         layer.snapshot()
 
 
+def fold(model: nn.Module) -> None:
+    """Fold every layer's snapshot into its dense main weight (see `LTELinear.fold`)."""
+    for layer in lte_layers(model).values():
+        layer.fold()
+
+
 def set_trainable(model: nn.Module, train_replicas: bool) -> None:
     """Only LoRA factors train, plus the replica parameters when they are averaged."""
     lte_weights = {f"{n}.weight" for n in lte_layers(model)}
@@ -176,6 +210,9 @@ def load_shared_state(model: nn.Module, state: dict[str, torch.Tensor], partial:
             raise KeyError(f"{key}: only LTE layers can keep a packed weight")
         layer.set_packed(weight)
     result = model.load_state_dict(state, strict=False)
+    for name, layer in lte_layers(model).items():
+        if f"{name}.weight" in state:
+            layer.folded = False
     missing = [] if partial else [k for k in result.missing_keys if not is_lora_key(k) and k not in packed]
     if missing or result.unexpected_keys:
         raise KeyError(f"state does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

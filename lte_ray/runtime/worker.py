@@ -29,7 +29,9 @@ class HeadWorker:
         # A head that cannot be built (bad data path on this node, say) reports why from info(),
         # as a task error carrying the original exception, instead of dying with a traceback string.
         try:
-            self.head = Head(cfg, head_id)  # the driver's resolved config: nothing is validated again
+            # The driver's resolved config: nothing is validated again. The head's CPUs beyond the
+            # first decode image-folder batches ahead (DataLoader workers).
+            self.head = Head(cfg, head_id, loader_workers=max(0, math.floor(cfg.ray.cpus_per_head) - 1))
             self._init_error: Exception | None = None
         except Exception as e:  # noqa: BLE001 (re-raised by info)
             self._init_error = e
