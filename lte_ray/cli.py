@@ -1,4 +1,4 @@
-"""`lte-ray train | tune | join | bench` (the bench commands are in `lte_ray.bench.cli`).
+"""`lte-ray train | tune | join | data prepare | bench` (the bench commands are in `lte_ray.bench.cli`).
 
 User mistakes print one line `lte-ray: error: ...` and exit with code 2, without a traceback.
 """
@@ -88,6 +88,27 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_join)
 
 
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare data for training")
+    q = p.add_subparsers(dest="data_command", required=True).add_parser(
+        "prepare", help="tokenize a text corpus into memory-mapped token files (data.name=tokens)",
+        description="Tokenize text into OUTPUT/train.bin and OUTPUT/val.bin (raw token arrays in the smallest "
+                    "unsigned dtype of the vocabulary; val is the tail of the corpus) and OUTPUT/meta.json, plus "
+                    "OUTPUT/tokenizer.json for BPE. Train on it with --set data.name=tokens --set data.path=OUTPUT.")
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="PATH", help="text files, or folders (all files in them)")
+    source.add_argument("--corpus", choices=["shakespeare"], help="a packaged corpus instead of --input")
+    q.add_argument("--tokenizer", required=True, choices=["byte", "char", "bpe"],
+                   help="byte: 256 byte values; char: the text's characters; bpe: byte-level BPE (Hugging Face "
+                        "tokenizers) trained on the corpus, or loaded with --tokenizer-file")
+    q.add_argument("--vocab-size", type=int, help="BPE vocabulary size incl. the 256 bytes (default: 1024)")
+    q.add_argument("--tokenizer-file", metavar="FILE", help="a saved Hugging Face tokenizer.json to encode with")
+    q.add_argument("--output", required=True, metavar="DIR", help="the token folder to write")
+    q.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens held out (default: 0.1)")
+    q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    q.set_defaults(func=cmd_data_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lte-ray", description="LoRA-the-Explorer on Ray: train from scratch "
                                      "with many parallel low-rank heads.")
@@ -95,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _tune_parser(sub)
     _join_parser(sub)
+    _data_parser(sub)
     from lte_ray.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -213,6 +235,17 @@ def cmd_join(args: argparse.Namespace) -> int:
         print("lte-ray: head withdrawn", file=sys.stderr)
         return 130
     print(f"run {args.run!r} ended; head {status['head_id']} took part", file=sys.stderr)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from lte_ray import tokens
+    from lte_ray.data import shakespeare_files, text_files
+
+    files = shakespeare_files() if args.corpus else text_files(args.input)
+    meta = tokens.prepare(files, args.output, args.tokenizer, vocab_size=args.vocab_size,
+                          tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction, force=args.force)
+    print(tokens.summary(args.output, meta))
     return 0
 
 

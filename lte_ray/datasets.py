@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from lte_ray.core.protocol import Task
@@ -63,19 +64,24 @@ class FolderDataset:
 
 
 class TextDataset:
-    """Token windows: item i is tokens[i : i+context] -> tokens[i+1 : i+context+1]."""
+    """Token windows: item i is tokens[i : i+context] -> tokens[i+1 : i+context+1].
 
-    def __init__(self, tokens: torch.Tensor, context: int):
+    `tokens` is a 1-D numpy array of unsigned ints in the smallest dtype of the vocabulary: in
+    memory, or an np.memmap of a token file (`lte_ray.tokens`), which every process on a node
+    shares; only the windows of a batch are copied, as int64 tensors."""
+
+    def __init__(self, tokens: np.ndarray, context: int):
         if len(tokens) <= context + 1:
             raise DataError(f"data.path: text too short ({len(tokens)} tokens) for model.context={context}")
         self.tokens, self.context = tokens, context
+        self._window = np.arange(context + 1)
 
     def __len__(self) -> int:
         return len(self.tokens) - self.context - 1
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = idx[:, None] + torch.arange(self.context + 1)
-        windows = self.tokens[offsets]
+        offsets = idx.cpu().numpy()[:, None] + self._window
+        windows = torch.from_numpy(np.asarray(self.tokens[offsets], dtype=np.int64))
         return windows[:, :-1], windows[:, 1:]
 
     def eval_indices(self, max_windows: int = 256) -> torch.Tensor:

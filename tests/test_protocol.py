@@ -19,7 +19,7 @@ def test_validation_is_pure_and_resolve_checks_the_world(tmp_path):
               "method: must be one of 'lte', 'full', 'lora', 'lora-merge' or 'galore' (got 'nope')"),
              ({"model.name": "resnet"}, "model.name: unknown model 'resnet'"),
              ({"data.name": "imagenet"},
-              "data.name: must be one of 'digits', 'npz', 'folder', 'text' or 'shakespeare' (got 'imagenet')"),
+              "data.name: must be one of 'digits', 'npz', 'folder', 'text', 'shakespeare' or 'tokens' (got 'imagenet')"),
              ({"model.name": "gpt_nano"}, "model.name: gpt_nano needs text data"),
              ({"model.width": 30, "model.attn_heads": 4}, "model.width: 30 is not divisible by model.attn_heads=4"),
              ({"model.name": "gpt_nano", "data.name": "text", "data.path": missing}, "does not exist")]

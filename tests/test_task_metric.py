@@ -23,7 +23,7 @@ def test_tune_metric_follows_the_data_sources_task(name):
     cfg = validate({}, {"data.name": name})
     expected = ("eval_loss", "min") if SOURCES[name].task == "lm" else ("eval_accuracy", "max")
     assert metric_for(cfg) == expected
-    assert (SOURCES[name].task == "lm") == (name in ("text", "shakespeare"))
+    assert (SOURCES[name].task == "lm") == (name in ("text", "shakespeare", "tokens"))
 
 
 @pytest.mark.parametrize("name", ["digits", "shakespeare"])
