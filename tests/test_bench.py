@@ -4,6 +4,7 @@ finite metrics from every method; plus the arithmetic behind their tables."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from lte_ray.bench.quality import DATASETS, SETTINGS, aggregate
@@ -103,7 +104,7 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
             "--set", "ray.start_grace_s=600", "--set", "train.device=cpu"]
     assert main(args) == 0
     report = json.loads((out / "system.json").read_text())
-    assert report["bench"] == "system" and report["schema"] == 1 and finite(report)
+    assert report["bench"] == "system" and report["schema"] == 2 and finite(report)
     t = report["time"]
     parts = ["head_seconds", "quantize_seconds", "merge_seconds", "evaluation_seconds", "checkpoint_seconds",
              "transfer_seconds"]
@@ -119,6 +120,8 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
     assert mem["none"]["weights"] == params_bytes
     assert mem["nf4"]["weights"] < mem["int8"]["weights"] < mem["none"]["weights"]
     assert mem["nf4"]["total"] < mem["none-full"]["total"]
+    assert all(r["step_seconds"] > 0 and r["precision"] == "fp32" and not r["activation_checkpointing"]
+               for r in report["memory"])
     th = report["throughput"]
     assert th["ray_samples_per_s"] > 0 and th["simulate_samples_per_s"] > 0
     printed = capsys.readouterr().out
@@ -151,3 +154,41 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     assert again["curve"] == first["curve"] and again["final"] == first["final"]
     with pytest.raises(UserError, match="holds a finished run of another config"):
         quality.run_one({**job, "budget": 10240})
+
+
+def test_bench_system_workers_per_precision_and_checkpointing_and_folder_loading(tmp_path, capsys):
+    """`--only-workers`: no timed runs; a row group per setting; checkpointing cuts activations of
+    heads and full-rank alike; bf16 halves what is saved; image folders get loader rows."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    for c in range(3):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.full((12, 12), 20 * i + c, dtype=np.uint8)).save(folder / f"c{c}" / f"{i}.png")
+    out = tmp_path / "w"
+    args = ["bench", "system", "--only-workers", "--output", str(out), "--set", "model.depth=2",
+            "--set", "model.width=32", "--set", "model.attn_heads=2", "--set", "train.device=cpu",
+            "--set", "data.name=folder", "--set", f"data.path={folder}", "--set", "data.image_size=8",
+            "--set", "train.batch_size=8", "--precisions", "fp32,bf16", "--checkpointing", "off,on",
+            "--loader-workers", "0,1"]
+    assert main(args) == 0
+    report = json.loads((out / "system.json").read_text())
+    assert "time" not in report and "throughput" not in report
+    rows = {(r["label"], r["precision"], r["activation_checkpointing"]): r for r in report["memory"]}
+    assert len(rows) == 16
+    for label in {r["label"] for r in report["memory"]}:
+        assert rows[label, "fp32", True]["activations"] < rows[label, "fp32", False]["activations"]
+        assert rows[label, "bf16", False]["activations"] < rows[label, "fp32", False]["activations"]
+    assert [r["workers"] for r in report["loader"]] == [0, 1]
+    assert all(r["samples_per_s"] > 0 for r in report["loader"])
+    printed = capsys.readouterr().out
+    assert "**Image-folder loading**" in printed and "step vs full-rank" in printed
+
+
+@pytest.mark.parametrize("flag,value", [("--precisions", "fp16"), ("--checkpointing", "maybe"),
+                                        ("--loader-workers", "-1")])
+def test_bench_system_refuses_bad_settings_in_one_line(flag, value, capsys):
+    assert main(["bench", "system", "--only-workers", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lte-ray: error: {flag}")

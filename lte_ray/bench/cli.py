@@ -38,10 +38,24 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     y = kinds.add_parser("system", help="where a Ray run's time, bytes and memory go",
                          description="Run the default config on Ray and split each round's wall time (head "
                                      "compute, quantize, transfer, merge, eval); compare its traffic with "
-                                     "data-parallel all-reduce; measure one head's memory with fp32/int8/nf4 "
-                                     "base weights against a full-rank AdamW worker; and compare samples per "
-                                     "second on Ray with core.simulate. Writes system.json and system.md.")
+                                     "data-parallel all-reduce; measure one head's memory and step time with "
+                                     "fp32/int8/nf4 base weights against a full-rank AdamW worker, per precision "
+                                     "and activation-checkpointing setting; time image-folder loading; and "
+                                     "compare samples per second on Ray with core.simulate. Writes system.json "
+                                     "and system.md.")
     y.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in digits config)")
+    y.add_argument("--preset", choices=["vit-s", "gpt-s"],
+                   help="model size on top of the config (--set wins): vit-s = ViT-S (width 384, depth 12) with "
+                        "4 heads of rank 64, alpha 512, batch 16; gpt-s = GPT width 384, depth 6, context 256 on "
+                        "Shakespeare, same LTE settings")
+    y.add_argument("--only-workers", action="store_true",
+                   help="skip the timed Ray and core.simulate runs: only memory, step time (and image loading)")
+    y.add_argument("--precisions", type=_csv, metavar="P1,P2",
+                   help="train.precision values to measure the workers with (default: the config's)")
+    y.add_argument("--checkpointing", type=_csv, metavar="off,on",
+                   help="activation checkpointing settings to measure the workers with (default: the config's)")
+    y.add_argument("--loader-workers", type=_csv, metavar="N1,N2",
+                   help="image folders: DataLoader worker counts to time (default: 0,2)")
     y.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
                    help="override any config field, e.g. --set train.rounds=20 (repeatable)")
     y.add_argument("--rounds", type=int, help="rounds of the timed runs (default: the config's, 60 by default; "
@@ -72,26 +86,41 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_system(args: argparse.Namespace) -> int:
-    from lte_ray.bench.system import bench_system, markdown
-    from lte_ray.config import parse_set, rounds_override
+    from lte_ray.bench.system import PRESETS, bench_system, markdown
+    from lte_ray.config import Precision, parse_set, rounds_override
     from lte_ray.core.methods import LTE, get_method
     from lte_ray.outputs import default_output
     from lte_ray.resolve import load_config
     from lte_ray.run import loopback_if_local
 
-    overrides = parse_set(args.sets)
+    overrides = {**PRESETS.get(args.preset, {}), **parse_set(args.sets)}
     if args.address is not None:
         overrides["ray.address"] = args.address
     if args.rounds is not None:
         overrides.update(rounds_override(args.rounds))
     cfg = load_config(args.config, overrides)
-    if cfg.rounds < 2:
+    precisions = args.precisions
+    bad = [p for p in precisions or [] if p not in get_args(Precision)]
+    if bad:
+        raise UserError(f"--precisions: {bad[0]!r} is not one of {', '.join(get_args(Precision))}")
+    switches = {"off": False, "on": True}
+    if any(c not in switches for c in args.checkpointing or []):
+        raise UserError(f"--checkpointing: give off and/or on (got {','.join(args.checkpointing)})")
+    checkpointing = [switches[c] for c in args.checkpointing] if args.checkpointing else None
+    try:
+        loader_workers = [int(n) for n in args.loader_workers] if args.loader_workers else None
+    except ValueError:
+        loader_workers = [-1]
+    if loader_workers and min(loader_workers) < 0:
+        raise UserError(f"--loader-workers: give whole numbers >= 0 (got {','.join(args.loader_workers)})")
+    if cfg.rounds < 2 and not args.only_workers:
         raise UserError(f"train.rounds: bench system needs at least 2 rounds (got {cfg.rounds})")
     if get_method(cfg.method) is not LTE:
         raise UserError(f"method: bench system measures LTE runs (got {cfg.method})")
     loopback_if_local(cfg)
     output = args.output or str(default_output("bench-system"))
-    report = bench_system(cfg, output)
+    report = bench_system(cfg, output, runs=not args.only_workers, precisions=precisions,
+                          checkpointing=checkpointing, loader_workers=loader_workers)
     print(markdown(report))
     print(f"written: {output}/system.json, system.md", file=sys.stderr)
     return 0

@@ -6,11 +6,11 @@
 * Traffic: the run's bytes up and down per round against what data-parallel training sends for
   the same steps: a ring all-reduce of the full fp32 gradient every step, 2 (N-1) x 4 P bytes
   over all N workers (P parameters).
-* Memory: one head's training-state bytes at its backward peak with fp32, int8 and nf4 main
-  weights (int8/nf4 kept packed, `lte.keep_quantized`) against a full-rank AdamW worker with the
-  same per-worker batch. Counted from the tensors themselves (weights, LoRA factors, gradients,
-  optimizer state, activations saved for backward), so it is exact on any device; on CUDA the
-  allocator's measured peak is reported beside it.
+* Workers (`lte_ray.bench.memory`): one head's training-state bytes at its backward peak and
+  its step time with fp32, int8 and nf4 main weights (int8/nf4 kept packed) against a full-rank
+  AdamW worker with the same per-worker batch, for each precision x activation-checkpointing
+  setting asked for.
+* Image folders: samples per second of a head's batch stream with 0 and more DataLoader workers.
 * Ray overhead: samples per second on Ray against `core.simulate` of the same config in this
   process, both over rounds 2..R (the first round pays for actor start-up).
 """
@@ -30,6 +30,16 @@ from lte_ray.bench.report import machine, machine_line, markdown_table, write_ou
 from lte_ray.config import Config
 from lte_ray.datasets import DataBundle
 from lte_ray.run import Run
+
+# The model sizes of the lean-heads figures, as one flag: ViT-S (the paper's ImageNet model) and
+# nanoGPT's "baby GPT" of shakespeare_char (width 384, depth 6, 6 attention heads, context 256).
+PRESETS: dict[str, dict[str, Any]] = {
+    "vit-s": {"model.name": "vit_small", "model.width": 384, "model.depth": 12, "model.attn_heads": 6,
+              "lte.heads": 4, "lte.rank": 64, "lte.alpha": 512, "train.batch_size": 16, "train.eval_every": 2},
+    "gpt-s": {"model.name": "gpt_mini", "model.width": 384, "model.depth": 6, "model.attn_heads": 6,
+              "model.context": 256, "data.name": "shakespeare", "lte.heads": 4, "lte.rank": 64, "lte.alpha": 512,
+              "train.batch_size": 16, "train.eval_every": 2},
+}
 
 SPLIT = [("head compute (slowest head)", "head_seconds"), ("quantize", "quantize_seconds"),
          ("merge", "merge_seconds"), ("eval", "evaluation_seconds"), ("checkpoint", "checkpoint_seconds")]
@@ -68,81 +78,21 @@ def traffic(cfg: Config, records: list[dict[str, Any]], params: int) -> dict[str
             "first_round_bytes_down": records[0]["bytes_down"] if records else None}
 
 
-def _storages(tensors) -> dict[int, int]:
-    out = {}
-    for t in tensors:
-        if t is not None and isinstance(t, torch.Tensor):
-            s = t.untyped_storage()
-            out[s.data_ptr()] = s.nbytes()
-    return out
+def loader_rows(cfg: Config, data: DataBundle, workers: list[int], batches: int = 100) -> list[dict[str, Any]]:
+    """Image-folder samples per second through a head's batch stream, with each number of
+    DataLoader workers (the first batch, which pays for starting the workers, is not timed)."""
+    from lte_ray.batches import training_batches
 
-
-def _step_memory(model: torch.nn.Module, opt: torch.optim.Optimizer, batch, packed: list, device) -> dict[str, int]:
-    """Run one optimizer step and count the bytes alive at the backward peak, by kind."""
-    from lte_ray.core.lora import is_lora_key
-    from lte_ray.core.task import loss_fn
-
-    x, y = (t.to(device) for t in batch)
-    saved: list[torch.Tensor] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    opt.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = loss_fn(model, x, y)
-    loss.backward()
-    opt.step()
-    named = dict(model.named_parameters())
-    kinds = {
-        "weights": _storages([*(p for n, p in named.items() if not is_lora_key(n)),
-                              *(b for n, b in model.named_buffers() if not is_lora_key(n)),
-                              *(t for w in packed for t in w.tensors())]),
-        "lora_factors": _storages([*(p for n, p in named.items() if is_lora_key(n)),
-                                   *(b for n, b in model.named_buffers() if is_lora_key(n))]),
-        "gradients": _storages([p.grad for p in named.values()]),
-        "optimizer_state": _storages([v for st in opt.state.values() for v in st.values()
-                                      if isinstance(v, torch.Tensor) and v.dim() > 0]),
-    }
-    seen = {ptr for k in kinds.values() for ptr in k}
-    kinds["activations"] = {p: n for p, n in _storages(saved).items() if p not in seen and p != x.untyped_storage().data_ptr()}
-    out = {k: sum(v.values()) for k, v in kinds.items()}
-    out["total"] = sum(out.values())
-    if device.type == "cuda":
-        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
-    return out
-
-
-def memory_rows(cfg: Config, data: DataBundle) -> list[dict[str, Any]]:
-    """One head with fp32 / int8 / nf4 main weights, and a full-rank AdamW worker."""
-    from lte_ray.core.head import Head
-    from lte_ray.core.master import MasterWeights
-    from lte_ray.core.optim import make_optimizer
-    from lte_ray.core.task import resolve_device
-    from lte_ray.datasets import batch_stream
-    from lte_ray.models import build_model
-
-    device = resolve_device(cfg.train.device)
     rows = []
-    for label, quant, keep in [("LTE head, fp32 main weights", "none", False),
-                               ("LTE head, int8 main weights (kept packed)", "int8", True),
-                               ("LTE head, nf4 main weights (kept packed)", "nf4", True)]:
-        c = cfg.replace({"lte.quant": quant, "lte.keep_quantized": keep})
-        master, head = MasterWeights(c, data), Head(c, 0, data, device)
-        head.train_round(0, master.broadcast(full=True))  # optimizer state exists from here on
-        head.receive(master.broadcast(full=True))
-        packed = [m.packed for m in head.model.modules() if getattr(m, "packed", None) is not None]
-        rows.append({"label": label, "quant": quant,
-                     **_step_memory(head.model, head.opt, data.train.batch(head.stream.next()), packed, device)})
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, data.spec).to(device)
-    opt = make_optimizer(model.parameters(), "adamw", cfg.train.lr, cfg.train.weight_decay)
-    stream = batch_stream(data, cfg.train.batch_size, cfg.train.seed)
-    _step_memory(model, opt, data.train.batch(stream.next()), [], device)
-    rows.append({"label": "full-rank worker, AdamW", "quant": "none",
-                 **_step_memory(model, opt, data.train.batch(stream.next()), [], device)})
-    full = rows[-1]["total"]
-    for r in rows:
-        r["ratio_to_full_rank"] = r["total"] / full
+    for n in workers:
+        stream = training_batches(data, cfg.train.batch_size, cfg.train.seed, workers=n)
+        next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        seconds = time.perf_counter() - start
+        rows.append({"workers": n, "batches": batches, "samples_per_s": batches * cfg.train.batch_size / seconds})
+        del stream  # stops its worker processes
     return rows
 
 
@@ -158,36 +108,47 @@ def timed_run(cfg: Config, backend: str, data: DataBundle | None = None) -> tupl
     return [r.to_json() for r in result.history], wall
 
 
-def bench_system(cfg: Config, output: str) -> dict[str, Any]:
+def bench_system(cfg: Config, output: str, runs: bool = True, precisions: list[str] | None = None,
+                 checkpointing: list[bool] | None = None, loader_workers: list[int] | None = None) -> dict[str, Any]:
+    """`runs`: time the config on Ray and with core.simulate (time split, traffic, Ray overhead);
+    always: the worker rows for each precision x checkpointing setting (default: the config's),
+    and for image folders the loader's samples/s with each number of workers."""
     from rich.console import Console
 
+    from lte_ray.bench.memory import worker_rows
     from lte_ray.data import load_data
+    from lte_ray.datasets import FolderDataset
     from lte_ray.models import build_model
 
     console = Console(stderr=True)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"bench system: {cfg.rounds} rounds on Ray ({cfg.lte.heads} heads) ...", highlight=False)
-    name = f"bench-system-{os.getpid()}-{int(time.time())}"  # the coordinator's actor name, unique
-    records, ray_wall = timed_run(cfg.replace({"output": str(out / "ray-run"), "ray.run_name": name}), "ray")
-    console.print(f"bench system: the same {cfg.rounds} rounds with core.simulate ...", highlight=False)
     data = load_data(cfg.data, cfg.model)
-    sim_records, sim_wall = timed_run(cfg.replace({"output": str(out / "simulate-run")}), "local", data)
-    console.print("bench system: memory per head ...", highlight=False)
-    memory = memory_rows(cfg, data)
     params = sum(p.numel() for p in build_model(cfg.model, data.spec).parameters())
-    ray_sps, sim_sps = steady_throughput(records), steady_throughput(sim_records)
-    report = {
-        "bench": "system", "schema": 1, "machine": machine(), "config": cfg.to_dict(), "rounds": cfg.rounds,
-        "time": time_split(records), "traffic": traffic(cfg, records, params), "memory": memory,
-        "throughput": {"ray_samples_per_s": ray_sps, "simulate_samples_per_s": sim_sps,
-                       "ray_over_simulate": ray_sps / sim_sps, "ray_wall_seconds": ray_wall,
-                       "simulate_wall_seconds": sim_wall, "ray_final": records[-1] if records else {},
-                       "simulate_final": sim_records[-1] if sim_records else {},
-                       "torch_threads_simulate": torch.get_num_threads(),
-                       "cpus_per_head": cfg.ray.cpus_per_head},
-        "rounds_detail": records,
-    }
+    report: dict[str, Any] = {"bench": "system", "schema": 2, "machine": machine(), "config": cfg.to_dict(),
+                              "rounds": cfg.rounds, "params": params}
+    if runs:
+        console.print(f"bench system: {cfg.rounds} rounds on Ray ({cfg.lte.heads} heads) ...", highlight=False)
+        name = f"bench-system-{os.getpid()}-{int(time.time())}"  # the coordinator's actor name, unique
+        records, ray_wall = timed_run(cfg.replace({"output": str(out / "ray-run"), "ray.run_name": name}), "ray")
+        console.print(f"bench system: the same {cfg.rounds} rounds with core.simulate ...", highlight=False)
+        sim_records, sim_wall = timed_run(cfg.replace({"output": str(out / "simulate-run")}), "local", data)
+        ray_sps, sim_sps = steady_throughput(records), steady_throughput(sim_records)
+        report.update({
+            "time": time_split(records), "traffic": traffic(cfg, records, params),
+            "throughput": {"ray_samples_per_s": ray_sps, "simulate_samples_per_s": sim_sps,
+                           "ray_over_simulate": ray_sps / sim_sps, "ray_wall_seconds": ray_wall,
+                           "simulate_wall_seconds": sim_wall, "ray_final": records[-1] if records else {},
+                           "simulate_final": sim_records[-1] if sim_records else {},
+                           "torch_threads_simulate": torch.get_num_threads(),
+                           "cpus_per_head": cfg.ray.cpus_per_head},
+            "rounds_detail": records})
+    console.print("bench system: memory and step time per worker ...", highlight=False)
+    report["memory"] = worker_rows(cfg, data, precisions or [cfg.train.precision],
+                                   checkpointing or [cfg.train.activation_checkpointing])
+    if isinstance(data.train, FolderDataset):
+        console.print("bench system: image-folder loading ...", highlight=False)
+        report["loader"] = loader_rows(cfg, data, loader_workers or [0, 2])
     write_outputs(out, "system", report, markdown(report))
     return report
 
@@ -196,13 +157,9 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    cfg, t, tr, th = report["config"], report["time"], report["traffic"], report["throughput"]
-    lte, model = cfg["lte"], cfg["model"]
-    head = (f"Machine: {machine_line(report['machine'])}. Config: {model['name']} on {cfg['data']['name']}, "
-            f"{lte['heads']} heads x rank {lte['rank']}, T={lte['merge_every']}, quant {lte['quant']}, "
-            f"per-head batch {cfg['train']['batch_size']}, {report['rounds']} rounds.")
-    parts = [head, "", f"**Time per round** (mean over rounds 2..{report['rounds']}):", ""]
+def _time_and_traffic(report: dict[str, Any]) -> list[str]:
+    t, tr = report["time"], report["traffic"]
+    parts = [f"**Time per round** (mean over rounds 2..{report['rounds']}):", ""]
     rows = [[label, f"{t[key]:.3f}", f"{100 * t[key] / t['round_seconds']:.0f}%"] for label, key in SPLIT]
     rows.append(["object-store transfer, scheduling, validation (rest)", f"{t['transfer_seconds']:.3f}",
                  f"{100 * t['transfer_seconds'] / t['round_seconds']:.0f}%"])
@@ -215,16 +172,45 @@ def markdown(report: dict[str, Any]) -> str:
         ["bytes up (all heads)", "bytes down (all heads)", "data-parallel bytes", "LTE / data-parallel"],
         [[f"{tr['bytes_up_per_round']:,.0f}", f"{tr['bytes_down_per_round']:,.0f}",
           f"{tr['dp_allreduce_bytes_per_round']:,}", ratio]]), ""]
+    return parts
+
+
+def _workers(report: dict[str, Any]) -> list[str]:
     cuda = any("cuda_peak_allocated" in r for r in report["memory"])
-    header = ["worker", "weights MiB", "LoRA MiB", "grads MiB", "optimizer MiB", "activations MiB", "total MiB",
-              "vs full-rank"] + (["CUDA peak MiB"] if cuda else [])
-    rows = [[r["label"], _mib(r["weights"]), _mib(r["lora_factors"]), _mib(r["gradients"]),
-             _mib(r["optimizer_state"]), _mib(r["activations"]), _mib(r["total"]), f"{r['ratio_to_full_rank']:.2f}"]
+    header = ["worker", "precision", "checkpointing", "weights MiB", "LoRA MiB", "grads MiB", "optimizer MiB",
+              "activations MiB", "total MiB", "vs full-rank", "activations vs full-rank", "step ms",
+              "step vs full-rank"] + (["CUDA peak MiB"] if cuda else [])
+    rows = [[r["label"], r["precision"], "on" if r["activation_checkpointing"] else "off", _mib(r["weights"]),
+             _mib(r["lora_factors"]), _mib(r["gradients"]), _mib(r["optimizer_state"]), _mib(r["activations"]),
+             _mib(r["total"]), f"{r['ratio_to_full_rank']:.2f}", f"{r['activations_ratio_to_full_rank']:.2f}",
+             f"{1000 * r['step_seconds']:.0f}", f"{r['step_ratio_to_full_rank']:.2f}"]
             + ([_mib(r["cuda_peak_allocated"])] if cuda else []) for r in report["memory"]]
-    parts += ["**Memory of one worker** at its backward peak (training-state tensors, per-worker batch "
-              f"{cfg['train']['batch_size']}):", "", markdown_table(header, rows), ""]
-    parts += ["**Ray overhead** (samples per second, rounds 2..R):", "", markdown_table(
-        ["Ray run", "core.simulate (one process)", "Ray / simulate", "Ray wall s (with start-up)", "simulate wall s"],
-        [[f"{th['ray_samples_per_s']:.0f}", f"{th['simulate_samples_per_s']:.0f}", f"{th['ray_over_simulate']:.2f}",
-          f"{th['ray_wall_seconds']:.1f}", f"{th['simulate_wall_seconds']:.1f}"]])]
-    return "\n".join(parts)
+    return ["**One worker** at its backward peak (training-state tensors) and its step time (median of timed "
+            f"steps), per-worker batch {report['config']['train']['batch_size']}:", "", markdown_table(header, rows),
+            ""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lte, model = cfg["lte"], cfg["model"]
+    head = (f"Machine: {machine_line(report['machine'])}. Config: {model['name']} (width {model['width']}, depth "
+            f"{model['depth']}) on {cfg['data']['name']}, {report['params']:,} parameters, {lte['heads']} heads x rank "
+            f"{lte['rank']}, alpha {lte['alpha']:g}, T={lte['merge_every']}, quant {lte['quant']}, per-head batch "
+            f"{cfg['train']['batch_size']}" + (f", {report['rounds']} rounds." if "time" in report else "."))
+    parts = [head, ""]
+    if "time" in report:
+        parts += _time_and_traffic(report)
+    parts += _workers(report)
+    if "loader" in report:
+        parts += ["**Image-folder loading** (samples per second through a head's batch stream):", "",
+                  markdown_table(["DataLoader workers", "samples/s"],
+                                 [[str(r["workers"]), f"{r['samples_per_s']:.0f}"] for r in report["loader"]]), ""]
+    if "throughput" in report:
+        th = report["throughput"]
+        parts += ["**Ray overhead** (samples per second, rounds 2..R):", "", markdown_table(
+            ["Ray run", "core.simulate (one process)", "Ray / simulate", "Ray wall s (with start-up)",
+             "simulate wall s"],
+            [[f"{th['ray_samples_per_s']:.0f}", f"{th['simulate_samples_per_s']:.0f}",
+              f"{th['ray_over_simulate']:.2f}", f"{th['ray_wall_seconds']:.1f}",
+              f"{th['simulate_wall_seconds']:.1f}"]])]
+    return "\n".join(parts).rstrip() + "\n"
