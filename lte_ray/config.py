@@ -113,7 +113,7 @@ class TrainConfig(_Section):
     device: Device = "auto"
     precision: Precision = "auto"
     # Recompute each transformer block's activations in backward instead of keeping them (heads
-    # and the full-rank baseline alike): far less activation memory for about a third more compute.
+    # and the full-rank baseline alike): far less activation memory for a second forward per block.
     activation_checkpointing: bool = False
 
 

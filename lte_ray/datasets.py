@@ -1,4 +1,5 @@
-"""In-memory datasets, the bundle a run loads, and per-head batch streams.
+"""Datasets (in memory, an image folder read lazily, token windows over an array or a memory-mapped
+token file), the bundle a run loads, and per-head batch streams.
 
 Every head draws its own mini-batches from its own seeded `BatchStream`, so a run is
 reproducible whatever process a head lives in. `lte_ray.data` loads these from the sources.

@@ -171,13 +171,13 @@ def worker_rows(cfg: Config, data: DataBundle, precisions: list[str], checkpoint
                 mem = step_memory(head.model, head.opt, next(head.batches), packed, device, precision, ckpt)
                 group.append({"label": label, "quant": quant, **setting, **mem})
                 workers.append((head.model, head.opt, head.batches))
-            set_matmul_precision(precision, device)
+            set_matmul_precision(precision, device)  # as `core.baselines.full_rank` does
             torch.manual_seed(cfg.train.seed)
             model = build_model(cfg.model, data.spec).to(device)
             set_activation_checkpointing(model, ckpt)
             opt = make_optimizer(model.parameters(), "adamw", cfg.train.lr, cfg.train.weight_decay)
             batches = training_batches(data, cfg.train.batch_size, cfg.train.seed)
-            step_memory(model, opt, next(batches), [], device, precision, ckpt)  # optimizer state exists from here
+            train_steps(model, opt, batches, range(1), lambda step: cfg.train.lr, device, None, precision)
             mem = step_memory(model, opt, next(batches), [], device, precision, ckpt)
             group.append({"label": FULL_RANK, "quant": "none", **setting, **mem})
             workers.append((model, opt, batches))
