@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lte_ray.errors import UserError
 
 Quant = Literal["none", "int8", "nf4"]  # what the broadcast of the main weights carries
+Upload = Literal["fp32", "bf16", "int8"]  # how heads send their factors up (`core.upload`)
 Device = Literal["auto", "cpu", "cuda"]
 # auto: tf32 on CUDA, fp32 on CPU. bf16 autocasts the forward; weights, LoRA factors, their
 # gradients and optimizer state, the merge and evaluation stay fp32.
@@ -84,6 +85,9 @@ class LTEConfig(_Section):
     # in forward and backward: less memory per head, a little more compute; the same values up to
     # float rounding.
     keep_quantized: bool = False
+    # Factors up: fp32 exactly, or the change since the last accepted upload in bf16 / int8 (the head
+    # keeps what the coordinator decodes, so the two never drift).
+    upload: Upload = "bf16"
 
     @model_validator(mode="after")
     def _keep_needs_quant(self) -> "LTEConfig":
@@ -125,7 +129,8 @@ class RayConfig(_Section):
     run_name: str | None = None  # the coordinator's actor name (default: the output folder's name)
     cpus_per_head: float = Field(1.0, gt=0)
     gpus_per_head: float = Field(0.0, ge=0)  # fractional: 0.25 puts four heads on one GPU
-    coordinator_gpus: float = Field(0.0, ge=0)  # for merge + evaluation
+    coordinator_gpus: float = Field(0.0, ge=0)  # merge, quantize, evaluation; the coordinator goes where GPUs are
+    coordinator_cpus: float = Field(1.0, ge=0)  # reserved for it; its torch threads (at least 1)
     min_heads: int = Field(1, ge=1)  # quorum: a round merges if at least this many heads reported
     max_heads: int | None = Field(None, ge=1)  # cap on heads incl. joiners (default: no cap)
     round_timeout_s: float = Field(600.0, gt=0)  # later results are discarded (staleness 0)

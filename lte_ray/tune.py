@@ -1,8 +1,9 @@
 """Ray Tune sweeps over LTE settings (rank x heads, and merge_every, alpha, lr where asked).
 
 * Each trial reserves its coordinator and all its heads as one placement group
-  (`tune.PlacementGroupFactory`): bundle 0 for the trial driver and coordinator, one bundle per
-  head. A trial starts only when all of it fits, so trials never deadlock each other on a small
+  (`tune.PlacementGroupFactory`): bundle 0 for the trial's process, bundle 1 for the coordinator
+  (`ray.coordinator_cpus` / `coordinator_gpus`; it shares bundle 0 when it reserves nothing), one
+  bundle per head. A trial starts only when all of it fits, so trials never deadlock each other on a small
   cluster, and heads the coordinator starts later (replacements) go into the same group.
 * A trial is one `Run` (the bookkeeping `lte-ray train` uses) whose rounds also go to Tune: it
   reports every evaluation (`round`, `eval_*`, `train_loss`, ...), and ASHA can stop poor trials.
@@ -97,10 +98,11 @@ def trial_resources(base: Config):
         if cfg.ray.gpus_per_head:
             head["GPU"] = cfg.ray.gpus_per_head
         heads = get_method(cfg.method).lte_config(cfg).lte.heads
-        first = {"CPU": TRIAL_DRIVER_CPUS}
-        if cfg.ray.coordinator_gpus:
-            first["GPU"] = cfg.ray.coordinator_gpus
-        return tune.PlacementGroupFactory([first] + [dict(head) for _ in range(heads)])
+        coordinator = {k: v for k, v in (("CPU", cfg.ray.coordinator_cpus), ("GPU", cfg.ray.coordinator_gpus)) if v}
+        # Bundle 0 is all the trainable's (Tune gives it the whole first bundle): a coordinator that
+        # reserves CPUs or GPUs gets bundle 1, or it would wait forever for what the trainable holds.
+        bundles = [{"CPU": TRIAL_DRIVER_CPUS}] + ([coordinator] if coordinator else [])
+        return tune.PlacementGroupFactory(bundles + [dict(head) for _ in range(heads)])
 
     return resources
 

@@ -27,8 +27,11 @@ def _coordinator(name: str):
     return ray.get_actor(name, namespace="lte-ray")
 
 
-def test_ray_run_equals_simulate(ray_cluster, ray_cfg, tmp_path):
-    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 3, "lte.quant": "none", "lte.replicas": "average"})
+@pytest.mark.parametrize("upload", ["fp32", "int8"])
+def test_ray_run_equals_simulate(ray_cluster, ray_cfg, tmp_path, upload):
+    """Exact fp32 uploads, and lossy ones (the head and the coordinator decode the same values)."""
+    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 3, "lte.quant": "none", "lte.replicas": "average",
+                     "lte.upload": upload})
     on_ray = train(cfg, run_name=_name(), output_dir=str(tmp_path))
     local = simulate(cfg)
     assert on_ray.rounds == 3 and on_ray.samples_seen == local.samples_seen
@@ -68,17 +71,19 @@ def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
     first = seen["records"][0].bytes_down / 4
     assert first > seen["records"][1].bytes_down / 4
     assert sum(r.bytes_down for r in seen["records"]) / (4 * 3) <= 0.16 * fp32_bytes
-    # Up: exactly the factors, (d_out + d_in) x 2r fp32 numbers per layer per head.
+    # Up: a head's first upload is its factors and their start, (d_out + d_in) x 2r fp32 numbers per
+    # layer; after that only the change of its factors, (d_out + d_in) x r numbers in bf16 (the default).
     from lte_ray.core.lora import target_names
     from lte_ray.data import load_data
     from lte_ray.models import build_model
 
     data = load_data(cfg.data, cfg.model)
     model = build_model(cfg.model, data.spec)
-    per_head = sum((m.in_features + m.out_features) * 2 * cfg.lte.rank * 4
-                   for n, m in model.named_modules() if n in target_names(model, cfg.lte.targets))
-    assert all(rec.bytes_up == 4 * per_head for rec in seen["records"])
-    assert result.counters.bytes_up == 3 * 4 * per_head
+    numbers = sum((m.in_features + m.out_features) * cfg.lte.rank
+                  for n, m in model.named_modules() if n in target_names(model, cfg.lte.targets))
+    assert cfg.lte.upload == "bf16" and seen["records"][0].bytes_up == 4 * numbers * 2 * 4
+    assert all(rec.bytes_up == 4 * numbers * 2 for rec in seen["records"][1:])
+    assert result.counters.bytes_up == 4 * numbers * (8 + 2 * 2)
 
 
 def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg, tmp_path):

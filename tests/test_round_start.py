@@ -38,10 +38,12 @@ def test_head_starts_every_round_at_the_merged_model(tiny_cfg, q, keep, replicas
             h.receive(payload)
             got = _outputs(h.model, x)
             assert (got - expected).abs().max().item() < 1e-5, f"round {r}, head {h.head_id}"
-        results = [h.train_round(r, payload) for h in heads]
+        results = [h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads]
         # after local training the heads have moved away from the merged model
         assert (_outputs(heads[0].model, x) - expected).abs().max().item() > 1e-4
-        master.merge(results)
+        accepted, rejected = master.accept(results)
+        assert not rejected and (r == 0 or all(x.upload.relative for x in results))  # rank r from round 2
+        master.merge(accepted)
 
 
 def test_merging_zero_deltas_leaves_weights_unchanged(tiny_cfg):
@@ -57,7 +59,7 @@ def test_merging_zero_deltas_leaves_weights_unchanged(tiny_cfg):
     # a head that has received the weights but not trained yet has a zero delta too
     head = Head(cfg, 0, data, "cpu")
     head.receive(master.broadcast(full=True))
-    after = merge.merge_round(master.state, [head.export_factors()], [])
+    after = merge.merge_round(master.state, [merge.head_delta(head.model)], [])
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6
 
 
@@ -75,7 +77,7 @@ def test_reset_mode_reinitializes_factors_each_round(tiny_cfg):
     master = MasterWeights(cfg, data)
     head = Head(cfg, 0, data, "cpu")
     res = head.train_round(0, master.broadcast(full=True))
-    master.merge([res])
+    master.merge(master.accept([res])[0])
     head.receive(master.broadcast())
     for layer in lte_layers(head.model).values():
         assert torch.count_nonzero(layer.lora_B) == 0

@@ -14,7 +14,8 @@ def test_rank_by_heads_grid(ray_cluster, tmp_path, capsys):
     out = tmp_path / "sweep"
     rc = main(["tune", "--output", str(out), "--grid", "lte.rank=2,4", "--grid", "lte.heads=1,2", "--rounds", "3",
                "--set", "train.eval_every=1", "--set", "model.depth=1", "--set", "model.width=32",
-               "--set", "model.attn_heads=2", "--set", "ray.cpus_per_head=0.5"])
+               "--set", "model.attn_heads=2", "--set", "ray.cpus_per_head=0.5",
+               "--set", "ray.coordinator_gpus=0.25"])  # each trial's coordinator gets its own GPU bundle
     assert rc == 0
     assert "trials ranked by eval_accuracy" in capsys.readouterr().out
     report = json.loads((out / "best_config.json").read_text())

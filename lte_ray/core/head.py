@@ -15,10 +15,10 @@ from torch import nn
 
 from lte_ray.batches import Batch, training_batches
 from lte_ray.config import Config
-from lte_ray.core import lora, merge, quant
+from lte_ray.core import lora, quant, upload
 from lte_ray.core.optim import lr_factor, make_optimizer, set_lr
 from lte_ray.core.precision import autocast, resolve_precision, set_matmul_precision
-from lte_ray.core.protocol import Broadcast, Factors, HeadResult
+from lte_ray.core.protocol import Broadcast, FactorUpload, HeadResult
 from lte_ray.core.task import loss_fn, resolve_device
 from lte_ray.data import load_data
 from lte_ray.datasets import DataBundle
@@ -82,6 +82,7 @@ class Head:
         self.opt = make_optimizer(model.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
         self.lr_at = lr_schedule(cfg, cfg.train.lr)
         self.rounds_done = 0
+        self.last_round: int | None = None  # the round of its last upload
         self.received = False  # has it had a full broadcast yet?
 
     def receive(self, broadcast: Broadcast) -> None:
@@ -104,20 +105,25 @@ class Head:
                 for p in (layer.lora_A, layer.lora_B):
                     self.opt.state.pop(p, None)
 
-    def train_round(self, round_idx: int, broadcast: Broadcast) -> HeadResult:
+    def train_round(self, round_idx: int, broadcast: Broadcast, base_round: int | None = None) -> HeadResult:
+        """`base_round`: the round whose uploaded factors the coordinator holds for this head (None:
+        none); when it is this head's last round, only the factors' change goes up (`core.upload`)."""
         start = time.perf_counter()
         self.receive(broadcast)
         t = self.cfg.lte.merge_every
         loss = train_steps(self.model, self.opt, self.batches, range(round_idx * t, (round_idx + 1) * t),
                            self.lr_at, self.device, self.cfg.train.grad_clip, self.precision)
         self.rounds_done += 1
+        sent = self.upload(base_round)
+        self.last_round = round_idx
         return HeadResult(
-            head_id=self.head_id, round=round_idx, factors=self.export_factors(), replicas=self.export_replicas(),
+            head_id=self.head_id, round=round_idx, upload=sent, replicas=self.export_replicas(),
             loss=loss, samples=t * self.cfg.train.batch_size, seconds=time.perf_counter() - start)
 
-    def export_factors(self) -> Factors:
-        # delta_factors builds new tensors, so no clone is needed for them to outlive the round.
-        return {k: (u.detach().cpu(), v.detach().cpu()) for k, (u, v) in merge.head_delta(self.model).items()}
+    def upload(self, base_round: int | None) -> FactorUpload:
+        layers = {f"{name}.weight": layer for name, layer in lora.lte_layers(self.model).items()}
+        builds_on = base_round if base_round is not None and base_round == self.last_round else None
+        return upload.export(layers, self.cfg.lte.upload, builds_on)
 
     def export_replicas(self) -> dict[str, torch.Tensor]:
         if self.cfg.lte.replicas != "average":

@@ -122,14 +122,22 @@ class LTELinear(nn.Module):
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) with U @ V = s * (B A - B_prev A_prev): rank <= 2r (r in reset mode)."""
         if not self.resetless:
-            return self.scaling * self.lora_B, self.lora_A.clone()
-        u = torch.cat([self.lora_B, self.lora_B_prev], dim=1) * self.scaling
-        v = torch.cat([self.lora_A, -self.lora_A_prev])
-        return u, v
+            return delta_uv(self.lora_B, self.lora_A, None, None, self.scaling)
+        return delta_uv(self.lora_B, self.lora_A, self.lora_B_prev, self.lora_A_prev, self.scaling)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"scaling={self.scaling:g}, resetless={self.resetless}")
+
+
+def delta_uv(b: torch.Tensor, a: torch.Tensor, b_prev: torch.Tensor | None, a_prev: torch.Tensor | None,
+             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A delta as factors (U, V), new tensors: s B A in reset mode (no previous factors), else
+    s (B A - B' A') = s [B - B' | B'] [A; A - A']. Written with the changes, not as [B | B'] [A; -A'],
+    so that its terms are the size of the delta itself: no cancellation in U V or in a norm."""
+    if b_prev is None or a_prev is None:
+        return scaling * b, a.clone()
+    return torch.cat([b - b_prev, b_prev], dim=1) * scaling, torch.cat([a, a - a_prev])
 
 
 def target_names(model: nn.Module, patterns: list[str]) -> list[str]:

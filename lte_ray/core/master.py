@@ -1,22 +1,35 @@
-"""The coordinator's side of LTE: fp32 master weights, the broadcast, the merge, evaluation.
+"""The coordinator's side of LTE: fp32 master weights, the broadcast, reading the heads'
+uploads (`core.upload.FactorStore`), the merge, evaluation.
 
 Used in-process by `core.simulate` and inside the Ray coordinator actor alike, so both run
-the same math.
+the same math. The master weights live on the coordinator's device: its GPU when it has one, so
+the merge and the broadcast's quantization run there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from lte_ray.config import Config
 from lte_ray.core import lora, merge, quant
-from lte_ray.core.protocol import Broadcast, HeadResult
+from lte_ray.core.protocol import Broadcast, Factors, HeadResult
 from lte_ray.core.task import evaluate
+from lte_ray.core.upload import FactorStore, Pair, problem
 from lte_ray.datasets import DataBundle
 from lte_ray.errors import UserError
 from lte_ray.models import build_model
+
+
+@dataclass
+class Decoded:
+    """A head's upload read back: its factors (B, A) and its delta as (U, V), per key."""
+
+    result: HeadResult
+    pairs: dict[str, Pair]
+    deltas: Factors
 
 
 class MasterWeights:
@@ -27,8 +40,12 @@ class MasterWeights:
         self.quant_keys = lora.main_weight_keys(model, cfg.lte.targets)
         if not self.quant_keys:
             raise UserError(f"lte.targets: {cfg.lte.targets} match no nn.Linear layer of the model")
-        # Master copy on CPU in fp32, whatever the heads compute in.
-        self.state: dict[str, torch.Tensor] = _fp32_cpu(model.state_dict())
+        # Master copy in fp32, whatever the heads compute in. Never changed in place (a merge makes
+        # new tensors), so a reference to `state` is a snapshot that evaluation and checkpointing
+        # can read while the next round runs.
+        self.state: dict[str, torch.Tensor] = _fp32(model.state_dict(), self.device)
+        self.shapes = {k: (self.state[k].shape[0], self.state[k].shape[1]) for k in self.quant_keys}
+        self.store = FactorStore(cfg.lte.scaling, cfg.lte.mode == "resetless")
         self.eval_model = model.to(self.device)
 
     def broadcast(self, full: bool = False) -> Broadcast:
@@ -48,19 +65,47 @@ class MasterWeights:
         rest = {k: v for k, v in self.state.items() if k not in self.quant_keys}
         return dataclasses.replace(broadcast, plain={**broadcast.plain, **rest}, full=True)
 
-    def merge(self, results: list[HeadResult]) -> None:
-        self.state = merge.merge_round(self.state, [r.factors for r in results], [r.replicas for r in results])
+    def problem(self, result: HeadResult) -> str | None:
+        """Why a head's result cannot be read (see `upload.problem`, `merge.replica_problem`), or None."""
+        lte = self.cfg.lte
+        return (problem(result.upload, self.shapes, lte.rank, lte.mode == "resetless",
+                        self.store.base_round(result.head_id))
+                or merge.replica_problem(result.replicas, self.state, self.quant_keys))
 
-    def evaluate(self) -> dict[str, float]:
-        self.eval_model.load_state_dict(self.state)
+    def accept(self, results: list[HeadResult]) -> tuple[list[Decoded], dict[int, str]]:
+        """Read checked results back; those whose delta is within `ray.max_delta_ratio` of the
+        weights are accepted and their factors kept for the heads' next uploads. Returns the
+        accepted ones and, by head id, why the others were rejected."""
+        decoded = [Decoded(r, *self.store.read(r.head_id, r.upload)) for r in results]
+        bound = self.cfg.ray.max_delta_ratio
+        bad = merge.over_bound(self.state, [d.deltas for d in decoded], bound) if bound is not None else {}
+        for i, d in enumerate(decoded):
+            if i in bad:
+                self.store.forget(d.result.head_id)  # its next upload sends everything again
+            else:
+                self.store.accept(d.result.head_id, d.result.round, d.pairs)
+        accepted = [d for i, d in enumerate(decoded) if i not in bad]
+        return accepted, {decoded[i].result.head_id: why for i, why in bad.items()}
+
+    def merge(self, accepted: list[Decoded]) -> None:
+        self.state = merge.merge_round(self.state, [d.deltas for d in accepted], [d.result.replicas for d in accepted])
+
+    def evaluate(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """The held-out metrics of `state` (default: the current weights). Not thread-safe: one
+        evaluation at a time."""
+        self.eval_model.load_state_dict(state if state is not None else self.state)
         return evaluate(self.eval_model, self.data.test, self.data.spec.task, self.device)
+
+    def cpu_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.state.items()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.state) ^ set(state)
         if missing:
             raise KeyError(f"state does not fit the model: {sorted(missing)[:3]}")
-        self.state = _fp32_cpu(state)
+        self.state = _fp32(state, self.device)
 
 
-def _fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in state.items()}
+def _fp32(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).to(device).clone()
+            for k, v in state.items()}

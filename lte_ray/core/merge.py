@@ -1,8 +1,9 @@
 """Merge rules: small pure functions over dicts of tensors (the coordinator only calls them).
 
-A head's delta for one layer is shipped as factors (U, V), D = U @ V = s (B A - B_prev A_prev).
-Merging over the set S of heads that reported: W <- W + (1/|S|) sum_i U_i V_i. Replica
-parameters that heads trained locally are averaged (FedAvg).
+A head's delta for one layer is a pair of factors (U, V), D = U @ V = s (B A - B_prev A_prev)
+(`lora.delta_uv`; `core.upload` rebuilds them from what a head sent). Merging over the set S of
+heads that reported: W <- W + (1/|S|) sum_i U_i V_i, one product per layer over all heads' factors.
+Replica parameters that heads trained locally are averaged (FedAvg).
 """
 
 from __future__ import annotations
@@ -50,31 +51,42 @@ def merge_round(state: dict[str, torch.Tensor], deltas: list[Factors],
 
 
 def delta_norm(u: torch.Tensor, v: torch.Tensor) -> float:
-    """|U V|_F without forming U V: sqrt(sum((U^T U) * (V V^T))), O(r^2 (m + n))."""
+    """|U V|_F of one head, in fp64: the reference `delta_norms` is checked against."""
     u, v = u.double(), v.double()
     return float(((u.T @ u) * (v @ v.T)).sum().clamp_min(0).sqrt())
 
 
-def check_result(factors: Factors, replicas: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                 main_keys: list[str], max_delta_ratio: float | None = None) -> str | None:
-    """Why a head's upload must be rejected (wrong keys or shapes, NaN/Inf, a delta far larger
-    than the weights), or None if it is fit to merge."""
-    if set(factors) != set(main_keys):
-        return f"factors for {len(factors)} layers, expected {len(main_keys)}"
-    for key, (u, v) in factors.items():
-        w = state[key]
-        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != w.shape[0] or v.shape[1] != w.shape[1] \
-                or u.shape[1] != v.shape[0]:
-            return f"{key}: factors {tuple(u.shape)} x {tuple(v.shape)} do not fit weight {tuple(w.shape)}"
-        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
-            return f"{key}: factors hold NaN or Inf"
-        if max_delta_ratio is not None:
-            ratio = delta_norm(u, v) / max(float(w.norm()), 1e-12)
-            if ratio > max_delta_ratio:
-                return f"{key}: delta norm is {ratio:.3g}x the weight norm (bound {max_delta_ratio:g})"
+def delta_norms(deltas: list[Factors], key: str) -> torch.Tensor:
+    """|U_i V_i|_F of every head's delta for `key`, without forming any U_i V_i: from the heads'
+    k x k Gram matrices, |U V|^2 = sum((U^T U) * (V V^T)), batched over heads, in fp32 (`delta_uv`
+    keeps the terms the size of the delta, so fp32 is enough), O(N k^2 (m + n))."""
+    u = torch.stack([d[key][0] for d in deltas])
+    v = torch.stack([d[key][1] for d in deltas])
+    gram = torch.bmm(u.transpose(1, 2), u) * torch.bmm(v, v.transpose(1, 2))
+    return gram.sum((1, 2)).clamp_min(0).sqrt()
+
+
+def over_bound(weights: dict[str, torch.Tensor], deltas: list[Factors], max_ratio: float) -> dict[int, str]:
+    """Index -> why, for the deltas whose norm exceeds `max_ratio` x the weight's for any key.
+    Each weight's norm is taken once a round, not once a head."""
+    out: dict[int, str] = {}
+    if not deltas:
+        return out
+    for key in deltas[0]:
+        ratios = delta_norms(deltas, key) / max(float(weights[key].norm()), 1e-12)
+        for i in torch.nonzero(~(ratios <= max_ratio)).flatten().tolist():  # NaN counts as over
+            out.setdefault(i, f"{key}: delta norm is {float(ratios[i]):.3g}x the weight norm (bound {max_ratio:g})")
+    return out
+
+
+def replica_problem(replicas: object, state: dict[str, torch.Tensor], main_keys: list[str]) -> str | None:
+    """Why a head's replica parameters cannot be averaged in (unknown keys, shapes, NaN/Inf), or None."""
+    if not isinstance(replicas, dict):
+        return f"replicas are a {type(replicas).__name__}, not a dict"
     for key, t in replicas.items():
-        if key not in state or key in main_keys or t.shape != state[key].shape:
-            return f"replica {key}: unknown or wrong shape {tuple(t.shape)}"
+        if key not in state or key in main_keys or not isinstance(t, torch.Tensor) or t.shape != state[key].shape \
+                or t.dtype != state[key].dtype:
+            return f"replica {key}: unknown, or the wrong shape or dtype"
         if not torch.isfinite(t).all():
             return f"replica {key}: holds NaN or Inf"
     return None

@@ -1,6 +1,7 @@
 """The messages between LTE's components, typed, in one place so that every hop reads the same.
 
-Down, coordinator -> head, once per round: `Broadcast`. Up, head -> coordinator: `HeadResult`.
+Down, coordinator -> head, once per round: `Broadcast`. Up, head -> coordinator: `HeadResult`,
+whose `FactorUpload` carries the head's LoRA factors (`core.upload` encodes and decodes it).
 Per merged round: `RoundRecord` (progress bar, metrics.jsonl, MLflow, Tune). At the end:
 `RunResult`, with the run's history and counters. The in-process simulator, the Ray runtime and
 the benchmarks all pass these. Inside they hold plain CPU tensors, numbers and strings, so they
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Literal
 
 import torch
+
+from lte_ray.config import Upload as Encoding  # how a head uploads its factors
 
 Task = Literal["classify", "lm"]  # what the data asks of a model: image classes, or the next token
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # main-weight key -> (U, V); the delta is U @ V
@@ -54,12 +57,51 @@ class Broadcast:
 
 
 @dataclass
+class Encoded:
+    """One tensor as a head uploads it: fp32 as it is, bf16, or int8 codes with one fp32 absmax
+    per block of 64 (`core.quant`'s int8)."""
+
+    encoding: Encoding
+    shape: list[int]
+    data: torch.Tensor
+    absmax: torch.Tensor | None = None  # int8 only
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (self.absmax.nbytes if self.absmax is not None else 0)
+
+
+@dataclass
+class FactorUpload:
+    """Up: a head's LoRA factors (B, A) per main-weight key after its round.
+
+    The coordinator keeps every head's factors as of its last accepted upload. When it holds the
+    ones this head started the round from (`base_round`), B and A travel at rank r: as they are
+    in fp32, or as their change since then (`relative`) in bf16 or int8. Otherwise (a head's
+    first round, or after a missed one) the round's starting factors travel too, in fp32
+    (`b_prev`, `a_prev`). In reset mode a round starts from fresh factors: B and A only."""
+
+    encoding: Encoding
+    base_round: int | None  # the round whose accepted factors this upload builds on
+    relative: bool  # b and a are changes since base_round's factors
+    b: dict[str, Encoded]
+    a: dict[str, Encoded]
+    b_prev: dict[str, torch.Tensor] = field(default_factory=dict)
+    a_prev: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(e.nbytes for e in (*self.b.values(), *self.a.values()))
+                + _nbytes(self.b_prev.values()) + _nbytes(self.a_prev.values()))
+
+
+@dataclass
 class HeadResult:
-    """Up: what one head sends after its round, the factors of its delta and what it trained locally."""
+    """Up: what one head sends after its round, its factors and what it trained locally."""
 
     head_id: int
     round: int
-    factors: Factors
+    upload: FactorUpload
     replicas: dict[str, torch.Tensor] = field(default_factory=dict)  # averaged replica parameters
     loss: float = float("nan")  # mean training loss over the round's steps
     samples: int = 0
@@ -67,7 +109,7 @@ class HeadResult:
 
     @property
     def nbytes(self) -> int:
-        return sum(u.nbytes + v.nbytes for u, v in self.factors.values()) + _nbytes(self.replicas.values())
+        return self.upload.nbytes + _nbytes(self.replicas.values())
 
 
 @dataclass
@@ -86,10 +128,12 @@ class RoundRecord:
     bytes_up: int | None = None
     bytes_down: int | None = None
     heads_rejected: int | None = None
-    round_seconds: float | None = None
+    round_seconds: float | None = None  # on Ray: the round's critical path, from quantize to merged
     head_seconds: float | None = None  # the slowest merged head's
     quantize_seconds: float | None = None
-    merge_seconds: float | None = None
+    collect_seconds: float | None = None  # receiving and checking the heads' results
+    merge_seconds: float | None = None  # decoding the uploads, bounding their norms, the merge
+    # On Ray these two run in the background, overlapping the next round (not in round_seconds).
     evaluation_seconds: float | None = None
     checkpoint_seconds: float | None = None
 

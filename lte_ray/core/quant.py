@@ -34,6 +34,17 @@ def _int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return (codes.float().view(-1, BLOCK) * (absmax[:, None] / 127)).flatten()
 
 
+def int8_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any tensor as blockwise int8: (codes, one absmax per block of 64), flattened and padded."""
+    flat = t.detach().float().flatten()
+    codes, stats = _int8_quantize(torch.nn.functional.pad(flat, (0, _padded(flat.numel()) - flat.numel())))
+    return codes, stats["absmax"]
+
+
+def int8_decode(codes: torch.Tensor, absmax: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    return _int8_dequantize(codes, absmax)[:math.prod(shape)].view(shape)
+
+
 def _nf4_quantize(flat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     import bitsandbytes.functional as bnbf
 

@@ -28,16 +28,20 @@ def run_heads(cfg: Config, data: DataBundle, on_round: RoundCallback | None = No
         t0 = time.perf_counter()
         broadcast = master.broadcast(full=r == 0)
         t_quant = time.perf_counter() - t0
-        results = [h.train_round(r, broadcast) for h in heads]
+        results = [h.train_round(r, broadcast, master.store.base_round(h.head_id)) for h in heads]
         t1 = time.perf_counter()
-        master.merge(results)
+        accepted, rejected = master.accept(results)
+        if not accepted:
+            raise RuntimeError(f"round {r + 1}: every head's delta is over ray.max_delta_ratio: {rejected}")
+        master.merge(accepted)
         t_merge = time.perf_counter() - t1
         evals = master.evaluate() if history.eval_due(r) else None
         t_eval = time.perf_counter() - t1 - t_merge
         bytes_up, bytes_down = sum(x.nbytes for x in results), broadcast.nbytes * len(heads)
         counters.bytes_up += bytes_up
         counters.bytes_down += bytes_down
-        history.add_results(r, results, evals, bytes_up=bytes_up, bytes_down=bytes_down,
+        counters.heads_rejected += len(rejected)
+        history.add_results(r, [d.result for d in accepted], evals, bytes_up=bytes_up, bytes_down=bytes_down,
                             round_seconds=time.perf_counter() - t0, quantize_seconds=t_quant, merge_seconds=t_merge,
-                            evaluation_seconds=t_eval)
-    return history.result(cfg.method, data.spec.task, cfg.rounds, len(heads), master.state, counters)
+                            evaluation_seconds=t_eval, heads_rejected=len(rejected))
+    return history.result(cfg.method, data.spec.task, cfg.rounds, len(heads), master.cpu_state(), counters)

@@ -2,9 +2,10 @@
 
 One round: `ref = ray.put(broadcast)` once -> `train_round.remote(r, ref)` on every active head
 -> `ray.wait(..., timeout=round_timeout_s)` -> drop dead heads, discard late results, reject
-invalid uploads -> merge (`core.merge`) if at least `min_heads` reported -> evaluate every E
-rounds -> checkpoint every K rounds -> next round, admitting heads that became ready
-(`runtime.membership`: replacements for lost heads, heads pending for resources, joiners).
+invalid uploads -> merge (`core.master`: decode the uploads, bound their norms, one product per layer) if at
+least `min_heads` reported -> next round, admitting heads that became ready (`runtime.membership`:
+replacements for lost heads, heads pending for resources, joiners). Evaluation every E rounds and
+the checkpoint every K rounds run in the background meanwhile (`runtime.round_tail`).
 
 Late results are discarded (staleness 0): a head that misses the deadline is left alone until
 its late task finishes, then it takes part again from the current weights.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -29,27 +31,59 @@ from lte_ray.checkpoint import load_checkpoint, save_checkpoint
 from lte_ray.config import Config
 from lte_ray.core.history import History
 from lte_ray.core.master import MasterWeights
-from lte_ray.core.merge import check_result
 from lte_ray.core.protocol import HeadResult, RoundRecord, RunCounters, RunResult
 from lte_ray.data import load_data
+from lte_ray.errors import UserError
 from lte_ray.runtime.membership import Member, Membership
+from lte_ray.runtime.round_tail import RoundTail
+from lte_ray.runtime.worker import assigned_cuda_device, torch_threads
 
 log = logging.getLogger("lte_ray.coordinator")
+OUTPUT_TOKEN = ".lte-ray-output-token"  # see `launch.sign_output`
+
+
+def _device() -> torch.device:
+    """The coordinator's device: the GPU Ray assigned it, if CUDA works there; else the CPU (with a
+    warning when it asked for a GPU: the run still completes, slower)."""
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    if not gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # num_gpus=0 no longer hides the node's GPUs
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log.warning("coordinator: Ray assigned GPU %s but CUDA is not usable here; merging on the CPU",
+                    ",".join(gpu_ids))
+        return torch.device("cpu")
+    return assigned_cuda_device(gpu_ids)
+
+
+def _check_output(output_dir: str, token: str | None) -> None:
+    if token is None:
+        return
+    try:
+        with open(os.path.join(output_dir, OUTPUT_TOKEN)) as f:
+            seen = f.read()
+    except OSError:
+        seen = None
+    if seen != token:
+        node = ray.get_runtime_context().get_node_id()[:12]
+        raise UserError(f"output: the coordinator runs on node {node}, which does not see the driver's output folder "
+                        f"{output_dir}; put it on storage every node mounts (NFS, EFS, a shared volume)")
 
 
 class Coordinator:
     def __init__(self, cfg: Config, run_name: str, output_dir: str, mlflow_run_id: str | None = None,
-                 resume: bool = False, placement_group: Any = None):
+                 resume: bool = False, placement_group: Any = None, output_token: str | None = None):
+        """`output_token`: what the driver wrote into `output_dir` (see `launch.sign_output`)."""
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-        torch.set_num_threads(1)
+        _check_output(output_dir, output_token)
+        torch.set_num_threads(torch_threads(cfg.ray.coordinator_cpus))  # merge, quantize, evaluation
         self.cfg = cfg  # the driver's resolved config: nothing is validated again here
         self.run_name, self.output_dir, self.mlflow_run_id = run_name, output_dir, mlflow_run_id
         # Inside a Tune trial every head (replacements too) goes into the trial's placement group.
         head_options = ({"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
                         if placement_group is not None else {})
         self.data = load_data(cfg.data, cfg.model)
-        use_cuda = cfg.ray.coordinator_gpus > 0 and torch.cuda.is_available()
-        self.master = MasterWeights(cfg, self.data, "cuda" if use_cuda else "cpu")
+        self.master = MasterWeights(cfg, self.data, _device())
         self.counters, self.round, next_head_id = RunCounters(), 0, 0
         samples_seen, elapsed = 0, 0.0
         if resume:
@@ -59,7 +93,9 @@ class Coordinator:
             self.counters = RunCounters(**meta["counters"])
             samples_seen, elapsed = meta["samples_seen"], meta["wall_seconds"]  # both continue across the resume
             log.info("resumed %s at round %d from its checkpoint", run_name, self.round)
+        self.samples_seen = samples_seen
         self.history = History(cfg, on_round=None, samples_seen=samples_seen, elapsed=elapsed)
+        self.tail = RoundTail()  # evaluation, checkpoint and record of a merged round, in the background
         self.members = Membership(cfg, self.counters, head_options, next_head_id)
 
     # --- queries and membership, answered while run() works ------------------------------------
@@ -71,7 +107,8 @@ class Coordinator:
         return self.history.records[index:]
 
     def status(self) -> dict[str, Any]:
-        return {"round": self.round, "rounds": self.cfg.rounds, **self.members.status()}
+        return {"round": self.round, "rounds": self.cfg.rounds, "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(self.master.device), **self.members.status()}
 
     def workers(self) -> dict[int, dict[str, Any]]:
         """Info (pid, device, GPU ids, node) of every head that has started."""
@@ -112,11 +149,13 @@ class Coordinator:
                     failed += 1
                     if failed > cfg.ray.max_failed_rounds:
                         raise RuntimeError(f"no quorum of {cfg.ray.min_heads} valid results for {failed} rounds")
+            self.tail.drain()
             if self.round % cfg.ray.checkpoint_every:
-                self._checkpoint(self.history.samples_seen)
+                save_checkpoint(self.output_dir, self.master.state, self._meta())
         finally:
             self.members.stop()
-        return self.history.result(cfg.method, self.data.spec.task, self.round, cfg.lte.heads, self.master.state,
+            self.tail.close()
+        return self.history.result(cfg.method, self.data.spec.task, self.round, cfg.lte.heads, self.master.cpu_state(),
                                    self.counters)
 
     def _round(self, active: list[Member]) -> bool:
@@ -129,8 +168,11 @@ class Coordinator:
         new = [m for m in active if not m.initialized]
         full = self.master.with_replicas(broadcast) if new else broadcast
         full_ref = ref if full is broadcast else ray.put(full)
-        futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref): m for m in active}
+        store = self.master.store
+        futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref,
+                                               store.base_round(m.head_id)): m for m in active}
         ready, late = ray.wait(list(futures), num_returns=len(futures), timeout=cfg.ray.round_timeout_s)
+        t_heads = time.perf_counter()
         results, bytes_up, rejected = self._collect(ready, futures)
         for f in late:
             log.warning("round %d: head %d missed the %gs deadline; its result will be discarded",
@@ -139,31 +181,43 @@ class Coordinator:
         bytes_down = broadcast.nbytes * (len(futures) - len(new)) + full.nbytes * len(new)
         self.counters.bytes_up += bytes_up
         self.counters.bytes_down += bytes_down
-        self.counters.heads_rejected += rejected
-        if len(results) < cfg.ray.min_heads:
-            log.warning("round %d: %d valid results < ray.min_heads=%d; not merged, retrying",
-                        r + 1, len(results), cfg.ray.min_heads)
-            return False
         results.sort(key=lambda x: x.head_id)  # a fixed summation order: reproducible merges
         t1 = time.perf_counter()
-        self.master.merge(results)
+        accepted, over = self.master.accept(results)  # decode, bound the delta norms
+        for head_id, why in over.items():
+            log.warning("round %d: rejected head %d: %s", r + 1, head_id, why)
+        rejected += len(over)
+        self.counters.heads_rejected += rejected
+        if len(accepted) < cfg.ray.min_heads:
+            log.warning("round %d: %d valid results < ray.min_heads=%d; not merged, retrying",
+                        r + 1, len(accepted), cfg.ray.min_heads)
+            return False
+        self.master.merge(accepted)
         t_merge = time.perf_counter() - t1
-        evals = self.master.evaluate() if self.history.eval_due(r) else None
-        t_eval = time.perf_counter() - t1 - t_merge
         self.round = r + 1
-        t3 = time.perf_counter()
-        if self.round % cfg.ray.checkpoint_every == 0:
-            self._checkpoint(self.history.samples_seen + sum(x.samples for x in results))
-        t_checkpoint = time.perf_counter() - t3
-        # Recorded after the checkpoint: every round the driver logs is safely on disk.
-        self.history.add_results(r, results, evals, bytes_up=bytes_up, bytes_down=bytes_down,
-                                 round_seconds=time.perf_counter() - t0, merge_seconds=t_merge,
-                                 quantize_seconds=t_quant, evaluation_seconds=t_eval,
-                                 checkpoint_seconds=t_checkpoint, heads_rejected=rejected)
+        merged = [d.result for d in accepted]
+        self.samples_seen += sum(x.samples for x in merged)
+        state = self.master.state  # a snapshot: merges make new tensors
+        meta = self._meta() if self.round % cfg.ray.checkpoint_every == 0 else None
+        measured = dict(bytes_up=bytes_up, bytes_down=bytes_down, merge_seconds=t_merge, quantize_seconds=t_quant,
+                        heads_rejected=rejected, collect_seconds=t1 - t_heads)
+
+        def finish() -> None:  # in the background, while the next round trains
+            t2 = time.perf_counter()
+            evals = self.master.evaluate(state) if self.history.eval_due(r) else None
+            t3 = time.perf_counter()
+            if meta is not None:
+                save_checkpoint(self.output_dir, state, meta)
+            # Recorded after the checkpoint: every round the driver logs is safely on disk.
+            self.history.add_results(r, merged, evals, round_seconds=critical, evaluation_seconds=t3 - t2,
+                                     checkpoint_seconds=time.perf_counter() - t3, **measured)
+
+        critical = time.perf_counter() - t0
+        critical += self.tail.submit(finish)  # waiting for the previous round's tail is on the path
         return True
 
     def _collect(self, ready: list[Any], futures: dict[Any, Member]) -> tuple[list[HeadResult], int, int]:
-        """The valid results among `ready`, the bytes they uploaded, and how many were rejected."""
+        """The readable results among `ready`, the bytes they uploaded, and how many were rejected."""
         results: list[HeadResult] = []
         bytes_up = rejected = 0
         for f in ready:
@@ -172,21 +226,25 @@ class Coordinator:
                 res: HeadResult = ray.get(f)
             except (RayError, GetTimeoutError) as e:
                 self.members.lose(m, type(e).__name__)
+                self.master.store.forget(m.head_id)
                 continue
             m.initialized = True
-            bytes_up += res.nbytes
-            why = check_result(res.factors, res.replicas, self.master.state, self.master.quant_keys,
-                               self.cfg.ray.max_delta_ratio)
+            if not isinstance(res, HeadResult) or res.head_id != m.head_id or res.round != self.round:
+                why = "not this head's result for this round"
+            else:
+                bytes_up += res.nbytes
+                why = self.master.problem(res)
             if why:
                 log.warning("round %d: rejected head %d: %s", self.round + 1, m.head_id, why)
+                self.master.store.forget(m.head_id)  # its next upload sends everything again
                 rejected += 1
                 continue
             results.append(res)
         return results, bytes_up, rejected
 
-    def _checkpoint(self, samples_seen: int) -> None:
-        meta = {"round": self.round, "next_head_id": self.members.next_head_id,
-                "counters": dataclasses.asdict(self.counters), "samples_seen": samples_seen,
+    def _meta(self) -> dict[str, Any]:
+        """The checkpoint's metadata as of now (the round just merged)."""
+        return {"round": self.round, "next_head_id": self.members.next_head_id,
+                "counters": dataclasses.asdict(self.counters), "samples_seen": self.samples_seen,
                 "wall_seconds": self.history.elapsed, "mlflow_run_id": self.mlflow_run_id, "run_name": self.run_name,
                 "config": self.cfg.to_dict()}
-        save_checkpoint(self.output_dir, self.master.state, meta)

@@ -1,16 +1,22 @@
 """The driver behind `lte-ray train --backend ray` and `lte-ray join`.
 
 It connects to a cluster (`--address` / `ray.address` / RAY_ADDRESS, else it starts a local one
-on 127.0.0.1), starts the coordinator as a named actor on its own node (so checkpoints land in
-the same output folder), streams the coordinator's per-round records to the caller, and
-returns the result. Killing the coordinator also ends the head actors it spawned (Ray ties an
-actor's fate to its owner).
+on 127.0.0.1), starts the coordinator as a named actor, streams the coordinator's per-round
+records to the caller, and returns the result. Killing the coordinator also ends the head actors
+it spawned (Ray ties an actor's fate to its owner).
+
+Where the coordinator runs: on the driver's node (so checkpoints land in the driver's output
+folder), unless it asks for GPUs (`ray.coordinator_gpus`): then wherever they are, and the output
+folder must be on storage that node sees too; the coordinator checks a token the driver wrote
+there and stops with a one-line error if it cannot read it. In a Tune trial it takes bundle 1 of
+the trial's placement group (bundle 0 is the trial's own process).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import secrets
 import time
 from typing import Any, Callable
 
@@ -23,7 +29,7 @@ from lte_ray.core.history import RoundCallback
 from lte_ray.core.methods import get_method
 from lte_ray.core.protocol import RunResult
 from lte_ray.errors import UserError
-from lte_ray.runtime.coordinator import Coordinator
+from lte_ray.runtime.coordinator import OUTPUT_TOKEN, Coordinator
 from lte_ray.runtime.worker import head_actor
 
 POLL_S = 0.5
@@ -42,9 +48,25 @@ def connect(cfg: Config, address: str | None = None) -> bool:
         return False
     # A local cluster for this run, with enough logical CPUs for every head. (`lte-ray train`
     # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported so it binds to 127.0.0.1.)
-    cpus = max(os.cpu_count() or 1, math.ceil(cfg.lte.heads * cfg.ray.cpus_per_head))
+    cpus = max(os.cpu_count() or 1, math.ceil(cfg.lte.heads * cfg.ray.cpus_per_head + cfg.ray.coordinator_cpus))
     ray.init(address="local", num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False)
     return True
+
+
+def coordinator_bundle(cfg: Config) -> int:
+    """The coordinator's bundle in a Tune trial's placement group: its own (1) when it reserves
+    anything, else the trial's (0)."""
+    return 1 if cfg.ray.coordinator_cpus or cfg.ray.coordinator_gpus else 0
+
+
+def sign_output(output: str) -> str:
+    """Write a fresh token into the output folder: a coordinator on another node reads it back to
+    prove it sees the same folder."""
+    token = secrets.token_hex(16)
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, OUTPUT_TOKEN), "w") as f:
+        f.write(token)
+    return token
 
 
 def _unwrap(e: RayTaskError) -> BaseException:
@@ -73,14 +95,21 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: RoundCallbac
         if _named_actor_exists(run_name, cfg.ray.namespace):
             raise UserError(f"ray.run_name: a run named {run_name!r} is already running in namespace "
                             f"{cfg.ray.namespace!r}")
-        if placement_group is not None:  # bundle 0 is the trial's own, on this node
-            where = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
+        if placement_group is not None:  # its own bundle (see `tune.trial_resources`)
+            where = PlacementGroupSchedulingStrategy(placement_group,
+                                                     placement_group_bundle_index=coordinator_bundle(cfg))
+        elif cfg.ray.coordinator_gpus > 0:  # wherever the GPUs are (the head node may have none)
+            where = "DEFAULT"
         else:  # on this node, so checkpoints land in this output folder
             where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        output = os.path.abspath(output_dir)
+        token = sign_output(output)
+        own_bundle = placement_group is None or coordinator_bundle(cfg) > 0
         coord = ray.remote(Coordinator).options(
-            name=run_name, namespace=cfg.ray.namespace, num_cpus=0, num_gpus=cfg.ray.coordinator_gpus,
-            max_concurrency=8, max_restarts=0, scheduling_strategy=where,
-        ).remote(run_cfg, run_name, os.path.abspath(output_dir), mlflow_run_id, resume, placement_group)
+            name=run_name, namespace=cfg.ray.namespace, max_concurrency=8, max_restarts=0, scheduling_strategy=where,
+            num_cpus=cfg.ray.coordinator_cpus if own_bundle else 0,
+            num_gpus=cfg.ray.coordinator_gpus if own_bundle else 0,
+        ).remote(run_cfg, run_name, output, mlflow_run_id, resume, placement_group, token)
         run_ref = coord.run.remote()
         seen = 0
         while True:

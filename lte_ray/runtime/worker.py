@@ -1,9 +1,10 @@
 """HeadWorker: one Ray actor per LoRA head, wrapping `core.head.Head`.
 
 Scheduled with `num_gpus=ray.gpus_per_head` (fractional: 0.25 puts four heads on one GPU) and
-`num_cpus=ray.cpus_per_head`. Inside, the device follows `torch.cuda.is_available()`: Ray sets
-CUDA_VISIBLE_DEVICES for a GPU actor, so a head computes on its GPU where one exists and on
-the CPU otherwise.
+`num_cpus=ray.cpus_per_head`. A head computes on exactly the GPU Ray assigned it, and fails with
+a one-line error if CUDA cannot be used there (no silent fall-back to the CPU). A head without a
+GPU never touches one: Ray no longer hides GPUs from actors with num_gpus=0, so the head sets
+CUDA_VISIBLE_DEVICES="" itself before anything initializes CUDA.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from lte_ray.config import Config
 from lte_ray.core.head import Head
 from lte_ray.core.protocol import Broadcast, HeadResult
+from lte_ray.errors import UserError
 
 CORRUPTIONS = ("nan", "shape")
 
@@ -31,7 +33,8 @@ class HeadWorker:
         try:
             # The driver's resolved config: nothing is validated again. The head's CPUs beyond the
             # first decode image-folder batches ahead (DataLoader workers).
-            self.head = Head(cfg, head_id, loader_workers=max(0, math.floor(cfg.ray.cpus_per_head) - 1))
+            self.head = Head(cfg, head_id, device=head_device(cfg.train.device, head_id),
+                             loader_workers=max(0, math.floor(cfg.ray.cpus_per_head) - 1))
             self._init_error: Exception | None = None
         except Exception as e:  # noqa: BLE001 (re-raised by info)
             self._init_error = e
@@ -43,9 +46,9 @@ class HeadWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def train_round(self, round_idx: int, broadcast: Broadcast) -> HeadResult:
+    def train_round(self, round_idx: int, broadcast: Broadcast, base_round: int | None = None) -> HeadResult:
         # `broadcast` arrives resolved from the round's single ObjectRef (one ray.put per round).
-        result = self.head.train_round(round_idx, broadcast)
+        result = self.head.train_round(round_idx, broadcast, base_round)
         if self._corrupt:
             result, self._corrupt = _corrupted(result, self._corrupt), None
         return result
@@ -58,10 +61,44 @@ class HeadWorker:
 
 
 def _corrupted(result: HeadResult, kind: str) -> HeadResult:
-    key = next(iter(result.factors))
-    u, v = result.factors[key]
-    result.factors[key] = (torch.full_like(u, float("nan")), v) if kind == "nan" else (u[:-1], v)
+    key = next(iter(result.upload.b))
+    e = result.upload.b[key]
+    if kind == "nan":
+        e.data = torch.full_like(e.data, float("nan")) if e.data.is_floating_point() else e.data
+        if e.absmax is not None:
+            e.absmax = torch.full_like(e.absmax, float("nan"))
+    else:
+        e.shape = [e.shape[0] - 1, *e.shape[1:]]
     return result
+
+
+def head_device(requested: str, head_id: int) -> torch.device:
+    """The device of a head in this actor: the GPU Ray assigned it (as CUDA sees it), or the CPU.
+    Without a GPU from Ray, CUDA is hidden first, so `auto` means the CPU."""
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    if not gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if requested == "cuda":
+            raise UserError(f"head {head_id}: train.device is cuda but Ray gave it no GPU; set ray.gpus_per_head")
+        return torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"head {head_id}: Ray assigned GPU {','.join(gpu_ids)} but CUDA is not usable here "
+                        f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); fix the node's driver or "
+                        "set train.device=cpu")
+    return assigned_cuda_device(gpu_ids)
+
+
+def assigned_cuda_device(gpu_ids: list[str]) -> torch.device:
+    """The CUDA device of the first GPU Ray assigned. Ray narrows CUDA_VISIBLE_DEVICES to the
+    assigned GPUs, so that is cuda:0; where it did not (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES),
+    the assigned id is found in the visible list, or is the CUDA index itself."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return torch.device("cuda", int(gpu_ids[0]) if gpu_ids[0].isdigit() else 0)
+    visible = [v.strip() for v in env.split(",") if v.strip()]
+    return torch.device("cuda", visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0)
 
 
 def torch_threads(cpus: float) -> int:

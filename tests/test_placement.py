@@ -1,0 +1,50 @@
+"""Where a run's actors go on GPU clusters: a coordinator that asks for GPUs goes to a node that
+has them (not the driver's), heads without GPUs see none, a head whose GPU CUDA cannot use stops
+the run with one line, and a coordinator that cannot see the output folder says so. (A Tune
+trial whose coordinator asks for a GPU: tests/test_tune.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lte_ray.errors import UserError
+from lte_ray.runtime.coordinator import OUTPUT_TOKEN, _check_output
+from lte_ray.runtime.launch import sign_output, train
+
+SCRIPT = Path(__file__).with_name("placement_script.py")
+
+
+@pytest.mark.slow
+def test_a_gpu_coordinator_goes_to_the_gpu_node_and_cpu_heads_see_no_gpu(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["rounds"] == 3
+    assert seen["coordinator_node"] == seen["gpu_node"] != seen["driver_node"]
+    assert len(seen["heads"]) == 2
+    for info in seen["heads"].values():
+        assert info["gpu_ids"] == [] and info["cuda_visible_devices"] == "" and info["device"] == "cpu"
+    assert (tmp_path / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a GPU that CUDA cannot use: the test cluster's is fake")
+def test_a_head_whose_gpu_cuda_cannot_use_stops_the_run_with_one_line(ray_cluster, ray_cfg, tmp_path):
+    cfg = ray_cfg(**{"lte.heads": 1, "ray.gpus_per_head": 0.5, "train.device": "auto"})
+    with pytest.raises(UserError, match="head 0: Ray assigned GPU 0 but CUDA is not usable here"):
+        train(cfg, run_name="cuda-unusable", output_dir=str(tmp_path))
+
+
+def test_a_coordinator_that_cannot_see_the_output_folder_says_so(ray_cluster, tmp_path):
+    token = sign_output(str(tmp_path))
+    assert (tmp_path / OUTPUT_TOKEN).read_text() == token
+    _check_output(str(tmp_path), token)  # the same folder: fine
+    with pytest.raises(UserError, match="does not see the driver's output folder .* every node mounts"):
+        _check_output(str(tmp_path / "elsewhere"), token)
