@@ -98,7 +98,7 @@ LAYERS = [
     ["lte_ray.core.protocol"],
     ["lte_ray.datasets", "lte_ray.tokens", "lte_ray.data", "lte_ray.batches", "lte_ray.models"],
     ["lte_ray.core.lora", "lte_ray.core.merge", "lte_ray.core.quant", "lte_ray.core.optim", "lte_ray.core.task",
-     "lte_ray.core.precision"],
+     "lte_ray.core.precision", "lte_ray.core.upload"],
     ["lte_ray.core.head", "lte_ray.core.master"],
     ["lte_ray.core.history", "lte_ray.core.reference", "lte_ray.core.baselines"],
     ["lte_ray.core.methods"],

@@ -57,10 +57,12 @@ def test_data_parallel_traffic_and_the_time_split():
     assert dp_allreduce_bytes(params=1000, workers=1, steps=10) == 0
     recs = [{"round_seconds": 9.0, "head_seconds": 9.0}] + [
         {"round_seconds": 1.0, "head_seconds": 0.5, "quantize_seconds": 0.1, "merge_seconds": 0.1,
-         "evaluation_seconds": 0.1, "checkpoint_seconds": 0.1}] * 3
+         "collect_seconds": 0.1, "evaluation_seconds": 0.3, "checkpoint_seconds": 0.2}] * 3
     split = time_split(recs)  # round 1 (start-up) is left out
     assert split["rounds_averaged"] == 3 and split["round_seconds"] == 1.0
-    assert split["transfer_seconds"] == pytest.approx(0.1)
+    assert split["transfer_seconds"] == pytest.approx(0.2)  # evaluation and checkpoint are not on the path
+    assert split["critical_path_seconds"] == pytest.approx(0.5) and split["non_head_share"] == pytest.approx(0.5)
+    assert split["background"] == pytest.approx({"evaluation_seconds": 0.3, "checkpoint_seconds": 0.2})
 
 
 def test_unknown_bench_settings_are_one_line_errors(capsys):
@@ -104,12 +106,13 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
             "--set", "ray.start_grace_s=600", "--set", "train.device=cpu"]
     assert main(args) == 0
     report = json.loads((out / "system.json").read_text())
-    assert report["bench"] == "system" and report["schema"] == 2 and finite(report)
+    assert report["bench"] == "system" and report["schema"] == 3 and finite(report)
     t = report["time"]
-    parts = ["head_seconds", "quantize_seconds", "merge_seconds", "evaluation_seconds", "checkpoint_seconds",
-             "transfer_seconds"]
+    parts = ["head_seconds", "quantize_seconds", "collect_seconds", "merge_seconds", "transfer_seconds"]
     assert all(t[k] >= 0 for k in parts) and t["head_seconds"] > 0
     assert sum(t[k] for k in parts) == pytest.approx(t["round_seconds"], rel=1e-6)
+    assert t["critical_path_seconds"] == pytest.approx(t["round_seconds"] - t["head_seconds"])
+    assert t["background"]["evaluation_seconds"] > 0 and t["background"]["checkpoint_seconds"] > 0
     tr = report["traffic"]
     assert tr["heads"] == 4 and 0 < tr["ratio_to_dp"] < 0.2
     assert tr["dp_allreduce_bytes_per_round"] == 2 * 3 * 4 * tr["params"] * 10
@@ -126,6 +129,23 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
     assert th["ray_samples_per_s"] > 0 and th["simulate_samples_per_s"] > 0
     printed = capsys.readouterr().out
     assert "**Time per round**" in printed and "LTE / data-parallel" in printed and "Ray / simulate" in printed
+    assert "critical path besides the slowest head" in printed and "(background, overlapping)" in printed
+
+
+def test_bench_merge_tiny_times_both_paths_and_projects(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["bench", "merge", "--heads", "2,3", "--width", "32", "--depth", "1", "--rank", "4",
+                 "--project", "8,1024", "--output", str(out)]) == 0
+    report = json.loads((out / "merge.json").read_text())
+    assert report["bench"] == "merge" and report["schema"] == 1 and finite(report)
+    paths = [(r["heads"], r["path"].split(":")[0]) for r in report["rows"] if r["device"] == "cpu"]
+    assert paths == [(2, "before"), (2, "after"), (3, "before"), (3, "after")]
+    before, after = report["rows"][0], report["rows"][1]
+    assert after["ingress_bytes"] == before["ingress_bytes"] / 4  # rank r in bf16 against rank 2r in fp32
+    assert len(report["projection"]) == 3 * 2 and report["projection"][-1]["heads"] == 1024
+    assert "**Projection**" in capsys.readouterr().out
+    assert main(["bench", "merge", "--heads", "0"]) == 2
+    assert "--heads: give whole numbers >= 1 (got 0)" in capsys.readouterr().err
 
 
 def test_budget_factor_extends_every_setting_but_full_rank_on_the_same_grid():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lte_ray.errors import UserError
-from lte_ray.runtime.coordinator import OUTPUT_TOKEN, _check_output
+from lte_ray.runtime.coordinator import OUTPUT_TOKEN, output_problem
 from lte_ray.runtime.launch import sign_output, train
 
 SCRIPT = Path(__file__).with_name("placement_script.py")
@@ -42,9 +42,14 @@ def test_a_head_whose_gpu_cuda_cannot_use_stops_the_run_with_one_line(ray_cluste
         train(cfg, run_name="cuda-unusable", output_dir=str(tmp_path))
 
 
-def test_a_coordinator_that_cannot_see_the_output_folder_says_so(ray_cluster, tmp_path):
+def test_a_coordinator_that_cannot_see_the_output_folder_says_so(ray_cluster, ray_cfg, tmp_path, monkeypatch):
     token = sign_output(str(tmp_path))
     assert (tmp_path / OUTPUT_TOKEN).read_text() == token
-    _check_output(str(tmp_path), token)  # the same folder: fine
-    with pytest.raises(UserError, match="does not see the driver's output folder .* every node mounts"):
-        _check_output(str(tmp_path / "elsewhere"), token)
+    assert output_problem(str(tmp_path), token) is None  # the same folder
+    assert "does not see the driver's output folder" in output_problem(str(tmp_path / "elsewhere"), token)
+    # a whole run: the coordinator reads another token than the driver wrote -> one line, no traceback
+    import lte_ray.runtime.launch as launch
+
+    monkeypatch.setattr(launch, "sign_output", lambda output: sign_output(output) + "-not-what-it-reads")
+    with pytest.raises(UserError, match="put it on storage every node mounts"):
+        train(ray_cfg(**{"ray.coordinator_gpus": 0.25}), run_name="output-unseen", output_dir=str(tmp_path))

@@ -1,4 +1,4 @@
-"""`lte-ray bench quality | system`: the benchmarks' command line."""
+"""`lte-ray bench quality | system | merge`: the benchmarks' command line."""
 
 from __future__ import annotations
 
@@ -63,6 +63,22 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
     y.add_argument("--output", default=None, help="folder (default: runs/bench-system-<time>)")
     y.set_defaults(func=cmd_bench_system)
+    m = kinds.add_parser("merge", help="the coordinator's validate + merge seconds for N synthetic heads, and the "
+                                       "scaling model",
+                         description="Build N synthetic head results for a transformer (ViT-S by default), time the "
+                                     "coordinator's validation and merge the way it was before rank-r uploads and the "
+                                     "way it is now (on CUDA too where available), check the scaling model against "
+                                     "the measurements and project it to 1,024 heads and 1B weights. Writes "
+                                     "merge.json and merge.md. About 2 minutes at the defaults on 2 CPU cores.")
+    m.add_argument("--heads", type=_csv, default=["8", "32"], metavar="N1,N2", help="head counts (default: 8,32)")
+    m.add_argument("--width", type=int, default=384, help="model width (default: 384, ViT-S)")
+    m.add_argument("--depth", type=int, default=12, help="transformer blocks (default: 12, ViT-S)")
+    m.add_argument("--rank", type=int, default=64, help="LoRA rank (default: 64)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    m.add_argument("--project", type=_csv, default=["8", "32", "128", "1024"], metavar="N1,N2",
+                   help="head counts of the projection table (default: 8,32,128,1024)")
+    m.add_argument("--output", default=None, help="folder (default: runs/bench-merge-<time>)")
+    m.set_defaults(func=cmd_bench_merge)
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
@@ -123,4 +139,29 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
                           checkpointing=checkpointing, loader_workers=loader_workers)
     print(markdown(report))
     print(f"written: {output}/system.json, system.md", file=sys.stderr)
+    return 0
+
+
+def _counts(flag: str, items: list[str]) -> list[int]:
+    try:
+        values = [int(x) for x in items]
+    except ValueError:
+        values = [0]
+    if not values or min(values) < 1:
+        raise UserError(f"--{flag}: give whole numbers >= 1 (got {','.join(items)})")
+    return values
+
+
+def cmd_bench_merge(args: argparse.Namespace) -> int:
+    from lte_ray.bench.merge import bench_merge, markdown
+    from lte_ray.outputs import default_output
+
+    heads, project = _counts("heads", args.heads), _counts("project", args.project)
+    for name in ("width", "depth", "rank", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name}: must be >= 1 (got {getattr(args, name)})")
+    output = args.output or str(default_output("bench-merge"))
+    report = bench_merge(output, heads, args.width, args.depth, args.rank, threads=args.threads, project=project)
+    print(markdown(report))
+    print(f"written: {output}/merge.json, merge.md", file=sys.stderr)
     return 0

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -56,18 +56,19 @@ def _device() -> torch.device:
     return assigned_cuda_device(gpu_ids)
 
 
-def _check_output(output_dir: str, token: str | None) -> None:
+def output_problem(output_dir: str, token: str | None) -> str | None:
+    """Why this process cannot use the driver's output folder (it reads back the driver's token), or None."""
     if token is None:
-        return
+        return None
     try:
         with open(os.path.join(output_dir, OUTPUT_TOKEN)) as f:
-            seen = f.read()
+            if f.read() == token:
+                return None
     except OSError:
-        seen = None
-    if seen != token:
-        node = ray.get_runtime_context().get_node_id()[:12]
-        raise UserError(f"output: the coordinator runs on node {node}, which does not see the driver's output folder "
-                        f"{output_dir}; put it on storage every node mounts (NFS, EFS, a shared volume)")
+        pass
+    node = ray.get_runtime_context().get_node_id()[:12]
+    return (f"output: the coordinator runs on node {node}, which does not see the driver's output folder "
+            f"{output_dir}; put it on storage every node mounts (NFS, EFS, a shared volume)")
 
 
 class Coordinator:
@@ -75,7 +76,8 @@ class Coordinator:
                  resume: bool = False, placement_group: Any = None, output_token: str | None = None):
         """`output_token`: what the driver wrote into `output_dir` (see `launch.sign_output`)."""
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-        _check_output(output_dir, output_token)
+        # Raised by run(): an error raised here would reach the driver without its message.
+        self.setup_error = output_problem(output_dir, output_token)
         torch.set_num_threads(torch_threads(cfg.ray.coordinator_cpus))  # merge, quantize, evaluation
         self.cfg = cfg  # the driver's resolved config: nothing is validated again here
         self.run_name, self.output_dir, self.mlflow_run_id = run_name, output_dir, mlflow_run_id
@@ -86,7 +88,7 @@ class Coordinator:
         self.master = MasterWeights(cfg, self.data, _device())
         self.counters, self.round, next_head_id = RunCounters(), 0, 0
         samples_seen, elapsed = 0, 0.0
-        if resume:
+        if resume and not self.setup_error:
             state, meta = load_checkpoint(output_dir)
             self.master.load(state)
             self.round, next_head_id = meta["round"], meta["next_head_id"]
@@ -95,7 +97,10 @@ class Coordinator:
             log.info("resumed %s at round %d from its checkpoint", run_name, self.round)
         self.samples_seen = samples_seen
         self.history = History(cfg, on_round=None, samples_seen=samples_seen, elapsed=elapsed)
-        self.tail = RoundTail()  # evaluation, checkpoint and record of a merged round, in the background
+        # A merged round's evaluation, checkpoint and record run in the background, started once
+        # the next round's heads are dispatched (`_start_tail`).
+        self.tail = RoundTail()
+        self.deferred_tail: Callable[[], None] | None = None
         self.members = Membership(cfg, self.counters, head_options, next_head_id)
 
     # --- queries and membership, answered while run() works ------------------------------------
@@ -127,6 +132,8 @@ class Coordinator:
     # --- the rounds -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        if self.setup_error:
+            raise UserError(self.setup_error)
         cfg = self.cfg
         failed = 0
         try:  # whatever happens, the heads this coordinator started are stopped at the end
@@ -141,6 +148,7 @@ class Coordinator:
                                            f"ray.min_heads={cfg.ray.min_heads}")
                     log.warning("round %d: %d heads ready, need %d; waiting", self.round + 1, len(active),
                                 cfg.ray.min_heads)
+                    self._start_tail()
                     self.members.wait(cfg.ray.min_heads - len(active), cfg.ray.round_timeout_s)
                     continue
                 if self._round(active):
@@ -149,6 +157,7 @@ class Coordinator:
                     failed += 1
                     if failed > cfg.ray.max_failed_rounds:
                         raise RuntimeError(f"no quorum of {cfg.ray.min_heads} valid results for {failed} rounds")
+            self._start_tail()
             self.tail.drain()
             if self.round % cfg.ray.checkpoint_every:
                 save_checkpoint(self.output_dir, self.master.state, self._meta())
@@ -171,9 +180,16 @@ class Coordinator:
         store = self.master.store
         futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref,
                                                store.base_round(m.head_id)): m for m in active}
-        ready, late = ray.wait(list(futures), num_returns=len(futures), timeout=cfg.ray.round_timeout_s)
-        t_heads = time.perf_counter()
-        results, bytes_up, rejected = self._collect(ready, futures)
+        self._start_tail()  # the last round's evaluation and checkpoint overlap these heads, not the quantize
+        # Results are received and checked as they arrive, while slower heads still train.
+        results, bytes_up, rejected, late = [], 0, 0, list(futures)
+        deadline, t_collect = time.monotonic() + cfg.ray.round_timeout_s, 0.0
+        while late and (left := deadline - time.monotonic()) > 0:
+            ready, late = ray.wait(late, num_returns=1, timeout=left)
+            t_arrived = time.perf_counter()
+            got, nbytes, bad = self._collect(ready, futures)
+            results, bytes_up, rejected = results + got, bytes_up + nbytes, rejected + bad
+            t_collect = time.perf_counter() - t_arrived  # the last arrival's is on the critical path
         for f in late:
             log.warning("round %d: head %d missed the %gs deadline; its result will be discarded",
                         r + 1, futures[f].head_id, cfg.ray.round_timeout_s)
@@ -200,7 +216,7 @@ class Coordinator:
         state = self.master.state  # a snapshot: merges make new tensors
         meta = self._meta() if self.round % cfg.ray.checkpoint_every == 0 else None
         measured = dict(bytes_up=bytes_up, bytes_down=bytes_down, merge_seconds=t_merge, quantize_seconds=t_quant,
-                        heads_rejected=rejected, collect_seconds=t1 - t_heads)
+                        heads_rejected=rejected, collect_seconds=t_collect)
 
         def finish() -> None:  # in the background, while the next round trains
             t2 = time.perf_counter()
@@ -212,9 +228,16 @@ class Coordinator:
             self.history.add_results(r, merged, evals, round_seconds=critical, evaluation_seconds=t3 - t2,
                                      checkpoint_seconds=time.perf_counter() - t3, **measured)
 
+        self.tail.drain()  # the last round's tail: waiting for it is on this round's critical path
         critical = time.perf_counter() - t0
-        critical += self.tail.submit(finish)  # waiting for the previous round's tail is on the path
+        self.deferred_tail = finish
         return True
+
+    def _start_tail(self) -> None:
+        """Start the merged round's evaluation, checkpoint and record in the background."""
+        if self.deferred_tail is not None:
+            self.tail.submit(self.deferred_tail)
+            self.deferred_tail = None
 
     def _collect(self, ready: list[Any], futures: dict[Any, Member]) -> tuple[list[HeadResult], int, int]:
         """The readable results among `ready`, the bytes they uploaded, and how many were rejected."""

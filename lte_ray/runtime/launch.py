@@ -103,7 +103,8 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: RoundCallbac
         else:  # on this node, so checkpoints land in this output folder
             where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         output = os.path.abspath(output_dir)
-        token = sign_output(output)
+        # Off the driver's node the coordinator must prove it sees the output folder.
+        token = None if isinstance(where, NodeAffinitySchedulingStrategy) else sign_output(output)
         own_bundle = placement_group is None or coordinator_bundle(cfg) > 0
         coord = ray.remote(Coordinator).options(
             name=run_name, namespace=cfg.ray.namespace, max_concurrency=8, max_restarts=0, scheduling_strategy=where,

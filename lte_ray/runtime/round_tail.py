@@ -1,5 +1,6 @@
 """The tail of a merged round, off its critical path: evaluation, the checkpoint and the round's
-record run in one background thread while the next round's broadcast is already out.
+record run in one background thread once the next round's heads have their broadcast (not while
+the coordinator quantizes it: on a small machine they would compete for the same cores).
 
 Rounds are finished in order, one at a time, from a snapshot of the merged weights (the master
 weights are never changed in place, so a reference is a snapshot). At most one round waits here:
@@ -10,7 +11,6 @@ surfaces at the next round boundary, as it would have in the round itself.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -20,13 +20,11 @@ class RoundTail:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lte-round-tail")
         self.pending: Future | None = None
 
-    def submit(self, finish: Callable[[], None]) -> float:
-        """Run `finish` in the background once the previous round's tail is done; returns the
-        seconds spent waiting for that one."""
-        start = time.perf_counter()
+    def submit(self, finish: Callable[[], None]) -> None:
+        """Run `finish` in the background once the previous round's tail is done (the caller
+        `drain`s first to time that wait)."""
         self.drain()
         self.pending = self.pool.submit(finish)
-        return time.perf_counter() - start
 
     def drain(self) -> None:
         """Wait for the round in the background, re-raising its error."""
