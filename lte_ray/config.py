@@ -130,7 +130,9 @@ class RayConfig(_Section):
     cpus_per_head: float = Field(1.0, gt=0)
     gpus_per_head: float = Field(0.0, ge=0)  # fractional: 0.25 puts four heads on one GPU
     coordinator_gpus: float = Field(0.0, ge=0)  # merge, quantize, evaluation; the coordinator goes where GPUs are
-    coordinator_cpus: float = Field(1.0, ge=0)  # reserved for it; its torch threads (at least 1)
+    # CPUs reserved for it, and its torch threads (at least 1). 0: none reserved, so it fits on a
+    # head node that offers no CPUs (cluster/kuberay), and uses one thread.
+    coordinator_cpus: float = Field(0.0, ge=0)
     min_heads: int = Field(1, ge=1)  # quorum: a round merges if at least this many heads reported
     max_heads: int | None = Field(None, ge=1)  # cap on heads incl. joiners (default: no cap)
     round_timeout_s: float = Field(600.0, gt=0)  # later results are discarded (staleness 0)

@@ -76,7 +76,11 @@ class MasterWeights:
         """Read checked results back; those whose delta is within `ray.max_delta_ratio` of the
         weights are accepted and their factors kept for the heads' next uploads. Returns the
         accepted ones and, by head id, why the others were rejected."""
-        decoded = [Decoded(r, *self.store.read(r.head_id, r.upload)) for r in results]
+        decoded = []
+        for r in results:
+            pairs, deltas = self.store.read(r.head_id, r.upload)  # kept on the CPU; the deltas go where W is
+            on_device = {k: (u.to(self.device), v.to(self.device)) for k, (u, v) in deltas.items()}
+            decoded.append(Decoded(r, pairs, on_device))
         bound = self.cfg.ray.max_delta_ratio
         bad = merge.over_bound(self.state, [d.deltas for d in decoded], bound) if bound is not None else {}
         for i, d in enumerate(decoded):

@@ -152,3 +152,8 @@ class FactorStore:
 
     def forget(self, head_id: int) -> None:
         self.factors.pop(head_id, None)
+
+    def keep_only(self, head_ids: set[int]) -> None:
+        """Drop the factors of heads that left the run."""
+        for head_id in set(self.factors) - head_ids:
+            self.forget(head_id)

@@ -178,6 +178,7 @@ class Coordinator:
         full = self.master.with_replicas(broadcast) if new else broadcast
         full_ref = ref if full is broadcast else ray.put(full)
         store = self.master.store
+        store.keep_only(set(self.members.handles()))  # heads lost since the last round
         futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref,
                                                store.base_round(m.head_id)): m for m in active}
         self._start_tail()  # the last round's evaluation and checkpoint overlap these heads, not the quantize
