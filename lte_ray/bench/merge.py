@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lte_ray.bench.report import machine, machine_line, markdown_table, write_outputs
-from lte_ray.bench.scaling import UPLOAD_BYTES, load, projection, transformer_shapes
+from lte_ray.bench.scaling import HEADS_PER_NODE, UPLOAD_BYTES, load, projection, transformer_shapes
 from lte_ray.core import merge, upload
 from lte_ray.core.protocol import FactorUpload
 
@@ -143,8 +143,9 @@ def markdown(report: dict[str, Any]) -> str:
     check = [[str(c["heads"]), f"{c['measured_merge_seconds']:.3f}", f"{c['model_merge_seconds']:.3f}"]
              for c in report["model_check"]]
     proj = [[p["model"], f"{p['params'] / 1e6:,.0f}M", str(p["heads"]), _gb(p["ingress_bytes"]),
-             _gb(p["ingress_bytes_before"]), _gb(p["egress_bytes"]), f"{p['merge_flops'] / 1e12:.3g}",
-             f"{p['merge_seconds_at_measured_rate']:.3g}", f"{p['preaggregate_above_heads_per_node']:.1f}"]
+             _gb(p["ingress_bytes_before"]), _gb(p["ingress_preaggregated_bytes"]), _gb(p["egress_bytes"]),
+             f"{p['merge_flops'] / 1e12:.3g}", f"{p['merge_seconds_at_measured_rate']:.3g}",
+             _gb(p["dense_delta_bytes"]), f"{p['preaggregate_above_heads_per_node']:.1f}"]
             for p in report["projection"]]
     return "\n".join([
         f"Machine: {machine_line(report['machine'])}. Synthetic heads of rank {report['rank']} on a transformer of "
@@ -157,6 +158,6 @@ def markdown(report: dict[str, Any]) -> str:
         markdown_table(["heads", "measured s", "model s"], check), "",
         f"**Projection** (bf16 uploads at {UPLOAD_BYTES['bf16']:g} bytes a number, NF4 broadcast; merge at "
         f"{report['projection_rate_flops_per_s'] / 1e9:.1f} GFLOP/s, this machine's measured rate):", "",
-        markdown_table(["model", "weights", "heads", "ingress GB", "ingress before GB", "egress GB (a head a node)",
-                        "merge TFLOP",
-                        "merge s", "pre-aggregate above heads/node"], proj), ""])
+        markdown_table(["model", "weights", "heads", "ingress GB", "ingress before GB",
+                        f"ingress GB, pre-aggregated ({HEADS_PER_NODE} heads a node)", "egress GB (a head a node)",
+                        "merge TFLOP", "merge s", "dense bf16 delta GB", "pre-aggregate above heads/node"], proj), ""])

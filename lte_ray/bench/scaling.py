@@ -20,8 +20,10 @@ share at these sizes and travel in fp32 both ways.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+HEADS_PER_NODE = 8  # e.g. one head per GPU of an 8-GPU node
 UPLOAD_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 64}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 
@@ -35,14 +37,20 @@ def transformer_shapes(width: int, depth: int, mlp_ratio: int = 4) -> list[tuple
     return [(3 * width, width), (width, width), (hidden, width), (width, hidden)] * depth
 
 
-def load(shapes: list[tuple[int, int]], heads: int, rank: int, upload: str = "bf16") -> dict[str, float]:
-    """One round's coordinator load for `heads` heads of rank `rank` over LTE layers `shapes`."""
+def load(shapes: list[tuple[int, int]], heads: int, rank: int, upload: str = "bf16",
+         heads_per_node: int = HEADS_PER_NODE) -> dict[str, float]:
+    """One round's coordinator load for `heads` heads of rank `rank` over LTE layers `shapes`.
+    `ingress_preaggregated_bytes`: with `heads_per_node` heads a node, each node sending the
+    smaller of its heads' uploads and one dense bf16 delta."""
     p = sum(m * n for m, n in shapes)
     f = sum(m + n for m, n in shapes)
     k = 2 * rank
+    per_head = rank * f * UPLOAD_BYTES[upload]
+    nodes = math.ceil(heads / heads_per_node)
     return {"params": p, "heads": heads, "rank": rank,
-            "ingress_bytes": heads * rank * f * UPLOAD_BYTES[upload],
+            "ingress_bytes": heads * per_head,
             "ingress_bytes_before": heads * 2 * rank * f * 4.0,
+            "ingress_preaggregated_bytes": nodes * min(2.0 * p, min(heads, heads_per_node) * per_head),
             "merge_flops": 2.0 * p * k * heads + 4.0 * heads * k * k * f,
             "egress_bytes": heads * p * NF4_BYTES_PER_WEIGHT,
             "dense_delta_bytes": 2.0 * p,
