@@ -94,6 +94,10 @@ def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg
 
     def on_round(rec):
         if rec.round == 1:
+            # heads without GPUs see none, on this node that advertises one (Ray 2.60 no longer hides it)
+            infos = ray.get(_coordinator(name).workers.remote())
+            assert ray.cluster_resources()["GPU"] == 1.0
+            assert infos and all(i["cuda_visible_devices"] == "" and i["gpu_ids"] == [] for i in infos.values())
             handles = ray.get(_coordinator(name).worker_handles.remote())
             ids = sorted(handles)
             ray.get([handles[ids[0]].corrupt_next.remote("nan"), handles[ids[1]].corrupt_next.remote("shape")])
