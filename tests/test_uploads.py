@@ -118,6 +118,21 @@ def test_malformed_uploads_are_named(tiny_cfg):
     assert "starting factors" in why(lambda u: u.b_prev.clear())
     assert "A'" in why(lambda u: u.a_prev.__setitem__(key, torch.zeros(1)))
     assert "unknown encoding" in why(lambda u: setattr(u, "encoding", "fp8"))
+    assert "holds none to add it to" in why(lambda u: setattr(u, "relative", True))
+    assert "not an encoded tensor" in why(lambda u: setattr(u.b[key], "data", u.b[key].data.flatten()))
+    # later uploads: int8 block statistics of the wrong shape, starting factors sent again
+    _round(master, heads, 0)
+    int8 = copy.deepcopy(heads[0].train_round(1, master.broadcast(), 0).upload)
+    int8.encoding = "int8"
+    int8.b = {k: upload.encode(e.data.float(), "int8") for k, e in int8.b.items()}
+    int8.a = {k: upload.encode(e.data.float(), "int8") for k, e in int8.a.items()}
+    assert upload.problem(int8, shapes, rank, True, 0) is None
+    int8.b[key].absmax = int8.b[key].absmax[:, None]
+    assert "wrong dtype or size" in upload.problem(int8, shapes, rank, True, 0)
+    again = copy.deepcopy(int8)
+    again.b[key].absmax = again.b[key].absmax.flatten()
+    again.b_prev = {key: torch.zeros(1)}
+    assert "already holds" in upload.problem(again, shapes, rank, True, 0)
 
 
 def test_gram_norms_match_the_dense_products_in_fp32():

@@ -69,7 +69,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                      "coordinator's validation and merge the way it was before rank-r uploads and the "
                                      "way it is now (on CUDA too where available), check the scaling model against "
                                      "the measurements and project it to 1,024 heads and 1B weights. Writes "
-                                     "merge.json and merge.md. About 2 minutes at the defaults on 2 CPU cores.")
+                                     "merge.json and merge.md. About 20 s at the defaults on 2 CPU cores.")
     m.add_argument("--heads", type=_csv, default=["8", "32"], metavar="N1,N2", help="head counts (default: 8,32)")
     m.add_argument("--width", type=int, default=384, help="model width (default: 384, ViT-S)")
     m.add_argument("--depth", type=int, default=12, help="transformer blocks (default: 12, ViT-S)")

@@ -5,8 +5,9 @@ F = sum (m + n) numbers per unit of rank, N heads of rank r:
 
 * ingress (uploads): N r F x bytes per number (fp32 4, bf16 2, int8 1 + 4/64), each head's factor
   change once the coordinator holds its previous factors; before: N 2r F x 4.
-* merge: one product per layer over all heads, 2 P (2r N) FLOPs, plus the Gram norm checks,
-  N (2r)^2 F x 2 x 2 FLOPs.
+* merge: one product per layer over all heads, 2 P (2r N) FLOPs. Before it, the norm checks:
+  each head's k x k Gram matrices U^T U and V V^T (k = 2r), 2 N k^2 F FLOPs, k F / P of the
+  merge's.
 * egress (broadcast, NF4): P (1/2 + 1/64 + 4/(64 x 256)) bytes per node (heads on a node share
   one copy in its object store): 4-bit codes, a double-quantized absmax per block of 64 (one
   byte, plus one fp32 per 256 blocks). `egress_bytes` assumes a head a node, the worst case.
@@ -51,7 +52,8 @@ def load(shapes: list[tuple[int, int]], heads: int, rank: int, upload: str = "bf
             "ingress_bytes": heads * per_head,
             "ingress_bytes_before": heads * 2 * rank * f * 4.0,
             "ingress_preaggregated_bytes": nodes * min(2.0 * p, min(heads, heads_per_node) * per_head),
-            "merge_flops": 2.0 * p * k * heads + 4.0 * heads * k * k * f,
+            "merge_flops": 2.0 * p * k * heads,
+            "check_flops": 2.0 * heads * k * k * f,
             "egress_bytes": heads * p * NF4_BYTES_PER_WEIGHT,
             "dense_delta_bytes": 2.0 * p,
             "preaggregate_above_heads_per_node": 2.0 * p / (rank * f * UPLOAD_BYTES[upload])}

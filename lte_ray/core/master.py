@@ -62,7 +62,7 @@ class MasterWeights:
         in fp32 (no second quantization of the same weights)."""
         if broadcast.full:
             return broadcast
-        rest = {k: v for k, v in self.state.items() if k not in self.quant_keys}
+        rest = {k: v.cpu() for k, v in self.state.items() if k not in self.quant_keys}  # messages hold CPU tensors
         return dataclasses.replace(broadcast, plain={**broadcast.plain, **rest}, full=True)
 
     def problem(self, result: HeadResult) -> str | None:

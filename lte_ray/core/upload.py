@@ -79,8 +79,12 @@ def problem(upload: Any, shapes: dict[str, tuple[int, int]], rank: int, resetles
     full = resetless and upload.base_round is None
     if resetless and not full and upload.base_round != base_round:
         return f"built on round {upload.base_round}'s factors; the coordinator holds round {base_round}'s"
+    if upload.relative and (not resetless or full):
+        return "a change of the factors, but the coordinator holds none to add it to"
     if full and (set(upload.b_prev) != set(shapes) or set(upload.a_prev) != set(shapes)):
         return "a first or catch-up upload must carry the round's starting factors"
+    if not full and (upload.b_prev or upload.a_prev):
+        return "starting factors the coordinator already holds"
     for key, (d_out, d_in) in shapes.items():
         for name, e, shape in (("B", upload.b[key], [d_out, rank]), ("A", upload.a[key], [rank, d_in])):
             why = _encoded_problem(e, shape, "fp32" if full else upload.encoding)
@@ -96,7 +100,8 @@ def problem(upload: Any, shapes: dict[str, tuple[int, int]], rank: int, resetles
 
 
 def _encoded_problem(e: Any, shape: list[int], encoding: str) -> str | None:
-    if not isinstance(e, Encoded) or not isinstance(e.data, torch.Tensor):
+    dims = 1 if encoding == "int8" else 2  # int8 codes travel flat, padded to whole blocks
+    if not isinstance(e, Encoded) or not isinstance(e.data, torch.Tensor) or e.data.dim() != dims:
         return "not an encoded tensor"
     if e.encoding != encoding or list(e.shape) != shape:
         return f"{e.encoding} {list(e.shape)}, expected {encoding} {shape}"
@@ -105,10 +110,10 @@ def _encoded_problem(e: Any, shape: list[int], encoding: str) -> str | None:
         blocks = -(-n // quant.BLOCK)
         ok = (e.data.dtype == torch.int8 and e.data.numel() == blocks * quant.BLOCK
               and isinstance(e.absmax, torch.Tensor) and e.absmax.dtype == torch.float32
-              and e.absmax.numel() == blocks)
+              and list(e.absmax.shape) == [blocks])
         values = e.absmax if ok else None
     else:
-        ok = e.data.dtype == DTYPES[encoding] and list(e.data.shape) == shape
+        ok = e.data.dtype == DTYPES[encoding] and list(e.data.shape) == shape and e.absmax is None
         values = e.data if ok else None
     if not ok:
         return f"its {encoding} payload has the wrong dtype or size"

@@ -163,7 +163,8 @@ class Coordinator:
                 save_checkpoint(self.output_dir, self.master.state, self._meta())
         finally:
             self.members.stop()
-            self.tail.close()
+            self._start_tail()  # after an error too: the last merged round's checkpoint and record
+            self.tail.close()  # waits for it
         return self.history.result(cfg.method, self.data.spec.task, self.round, cfg.lte.heads, self.master.cpu_state(),
                                    self.counters)
 
@@ -195,6 +196,7 @@ class Coordinator:
             log.warning("round %d: head %d missed the %gs deadline; its result will be discarded",
                         r + 1, futures[f].head_id, cfg.ray.round_timeout_s)
             self.members.mark_late(futures[f], f)
+            store.forget(futures[f].head_id)  # its factors move on without us: it sends them all next time
         bytes_down = broadcast.nbytes * (len(futures) - len(new)) + full.nbytes * len(new)
         self.counters.bytes_up += bytes_up
         self.counters.bytes_down += bytes_down
@@ -255,9 +257,11 @@ class Coordinator:
             m.initialized = True
             if not isinstance(res, HeadResult) or res.head_id != m.head_id or res.round != self.round:
                 why = "not this head's result for this round"
+            elif not all(isinstance(x, (int, float)) for x in (res.loss, res.samples, res.seconds)):
+                why = "its loss, samples or seconds are not numbers"
             else:
-                bytes_up += res.nbytes
                 why = self.master.problem(res)
+                bytes_up += 0 if why else res.nbytes  # a malformed upload may not even have a size
             if why:
                 log.warning("round %d: rejected head %d: %s", self.round + 1, m.head_id, why)
                 self.master.store.forget(m.head_id)  # its next upload sends everything again

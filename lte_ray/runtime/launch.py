@@ -8,8 +8,8 @@ it spawned (Ray ties an actor's fate to its owner).
 Where the coordinator runs: on the driver's node (so checkpoints land in the driver's output
 folder), unless it asks for GPUs (`ray.coordinator_gpus`): then wherever they are, and the output
 folder must be on storage that node sees too; the coordinator checks a token the driver wrote
-there and stops with a one-line error if it cannot read it. In a Tune trial it takes bundle 1 of
-the trial's placement group (bundle 0 is the trial's own process).
+there and stops with a one-line error if it cannot read it. In a Tune trial it shares bundle 0
+with the trial's own process, or takes bundle 1 when it reserves CPUs or GPUs.
 """
 
 from __future__ import annotations
