@@ -100,10 +100,11 @@ def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg
             assert infos and all(i["cuda_visible_devices"] == "" and i["gpu_ids"] == [] for i in infos.values())
             handles = ray.get(_coordinator(name).worker_handles.remote())
             ids = sorted(handles)
-            ray.get([handles[ids[0]].corrupt_next.remote("nan"), handles[ids[1]].corrupt_next.remote("shape")])
+            ray.get([handles[ids[0]].corrupt_next.remote("nan"), handles[ids[1]].corrupt_next.remote("shape"),
+                     handles[ids[2]].corrupt_next.remote("type")])
 
     result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
-    assert result.rounds == 40 and result.counters.heads_rejected == 2
+    assert result.rounds == 40 and result.counters.heads_rejected == 3
     assert all(torch.isfinite(v).all() for v in result.state.values() if v.is_floating_point())
 
 

@@ -119,6 +119,9 @@ def test_malformed_uploads_are_named(tiny_cfg):
     assert "A'" in why(lambda u: u.a_prev.__setitem__(key, torch.zeros(1)))
     assert "unknown encoding" in why(lambda u: setattr(u, "encoding", "fp8"))
     assert "holds none to add it to" in why(lambda u: setattr(u, "relative", True))
+    assert "not dicts" in why(lambda u: setattr(u, "b", [key]))
+    assert "unknown encoding" in why(lambda u: setattr(u, "encoding", ["bf16"]))
+    assert "not an encoded tensor" in why(lambda u: setattr(u.b[key], "shape", 5))
     assert "not an encoded tensor" in why(lambda u: setattr(u.b[key], "data", u.b[key].data.flatten()))
     # later uploads: int8 block statistics of the wrong shape, starting factors sent again
     _round(master, heads, 0)

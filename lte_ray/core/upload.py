@@ -72,7 +72,9 @@ def problem(upload: Any, shapes: dict[str, tuple[int, int]], rank: int, resetles
     factors the coordinator holds for this head."""
     if not isinstance(upload, FactorUpload):
         return f"upload is a {type(upload).__name__}, not a FactorUpload"
-    if upload.encoding not in DTYPES:
+    if not all(isinstance(d, dict) for d in (upload.b, upload.a, upload.b_prev, upload.a_prev)):
+        return "its factors are not dicts of tensors"
+    if not isinstance(upload.encoding, str) or upload.encoding not in DTYPES:
         return f"unknown encoding {upload.encoding!r}"
     if set(upload.b) != set(shapes) or set(upload.a) != set(shapes):
         return f"factors for {len(upload.b)} layers, expected {len(shapes)}"
@@ -101,7 +103,8 @@ def problem(upload: Any, shapes: dict[str, tuple[int, int]], rank: int, resetles
 
 def _encoded_problem(e: Any, shape: list[int], encoding: str) -> str | None:
     dims = 1 if encoding == "int8" else 2  # int8 codes travel flat, padded to whole blocks
-    if not isinstance(e, Encoded) or not isinstance(e.data, torch.Tensor) or e.data.dim() != dims:
+    if not isinstance(e, Encoded) or not isinstance(e.data, torch.Tensor) or e.data.dim() != dims \
+            or not isinstance(e.shape, (list, tuple)):
         return "not an encoded tensor"
     if e.encoding != encoding or list(e.shape) != shape:
         return f"{e.encoding} {list(e.shape)}, expected {encoding} {shape}"

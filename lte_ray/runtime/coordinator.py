@@ -260,7 +260,10 @@ class Coordinator:
             elif not all(isinstance(x, (int, float)) for x in (res.loss, res.samples, res.seconds)):
                 why = "its loss, samples or seconds are not numbers"
             else:
-                why = self.master.problem(res)
+                try:  # a result this malformed is the head's problem, never the coordinator's
+                    why = self.master.problem(res)
+                except Exception as e:  # noqa: BLE001
+                    why = f"unreadable ({type(e).__name__}: {e})"
                 bytes_up += 0 if why else res.nbytes  # a malformed upload may not even have a size
             if why:
                 log.warning("round %d: rejected head %d: %s", self.round + 1, m.head_id, why)

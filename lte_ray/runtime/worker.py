@@ -21,7 +21,7 @@ from lte_ray.core.head import Head
 from lte_ray.core.protocol import Broadcast, HeadResult
 from lte_ray.errors import UserError
 
-CORRUPTIONS = ("nan", "shape")
+CORRUPTIONS = ("nan", "shape", "type")
 
 
 class HeadWorker:
@@ -54,13 +54,17 @@ class HeadWorker:
         return result
 
     def corrupt_next(self, kind: str) -> None:
-        """Fault injection for tests and drills: the next upload carries NaN or wrong shapes."""
+        """Fault injection for tests and drills: the next upload carries NaN, wrong shapes, or is
+        not an upload at all."""
         if kind not in CORRUPTIONS:
             raise ValueError(f"kind must be one of {CORRUPTIONS}")
         self._corrupt = kind
 
 
 def _corrupted(result: HeadResult, kind: str) -> HeadResult:
+    if kind == "type":  # not an upload at all
+        result.upload = (1, 2, 3)  # type: ignore[assignment]
+        return result
     key = next(iter(result.upload.b))
     e = result.upload.b[key]
     if kind == "nan":
