@@ -50,6 +50,12 @@ def synthetic(shapes: list[tuple[int, int]], heads: int, rank: int, scaling: flo
     return state, store, uploads, previous
 
 
+def _require(ok: bool, what: str) -> None:
+    """The checks being timed; not `assert`, which `python -O` would drop from the timing."""
+    if not ok:
+        raise RuntimeError(f"bench merge: a synthetic head failed its check: {what}")
+
+
 def _before(state, previous, scaling: float) -> tuple[float, float]:
     """The former path: (validate seconds, merge seconds)."""
     t0 = time.perf_counter()
@@ -60,9 +66,9 @@ def _before(state, previous, scaling: float) -> tuple[float, float]:
             b_prev, a_prev = before[k]
             u, v = torch.cat([b, b_prev], dim=1) * scaling, torch.cat([a, -a_prev])
             w = state[k]
-            assert u.shape[0] == w.shape[0] and v.shape[1] == w.shape[1]
-            assert bool(torch.isfinite(u).all() and torch.isfinite(v).all())
-            assert merge.delta_norm(u, v) / max(float(w.norm()), 1e-12) <= MAX_RATIO
+            _require(u.shape[0] == w.shape[0] and v.shape[1] == w.shape[1], "shapes")
+            _require(bool(torch.isfinite(u).all() and torch.isfinite(v).all()), "finite factors")
+            _require(merge.delta_norm(u, v) / max(float(w.norm()), 1e-12) <= MAX_RATIO, "delta norm")
             factors[k] = (u, v)
         deltas.append(factors)
     t1 = time.perf_counter()
@@ -78,11 +84,11 @@ def _after(state, store, uploads, shapes: dict[str, tuple[int, int]], rank: int,
     t0 = time.perf_counter()
     deltas = []
     for h, up in enumerate(uploads):
-        assert upload.problem(up, shapes, rank, True, 0) is None
+        _require(upload.problem(up, shapes, rank, True, 0) is None, "a readable upload")
         _, factors = store.read(h, up)
         deltas.append({k: (u.to(device, non_blocking=True), v.to(device, non_blocking=True))
                        for k, (u, v) in factors.items()})
-    assert not merge.over_bound(state, deltas, MAX_RATIO)
+    _require(not merge.over_bound(state, deltas, MAX_RATIO), "delta norms within bound")
     sync()
     t1 = time.perf_counter()
     merge.merge_round(state, deltas, [])

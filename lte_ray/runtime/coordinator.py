@@ -251,8 +251,7 @@ class Coordinator:
             try:
                 res: HeadResult = ray.get(f)
             except (RayError, GetTimeoutError) as e:
-                self.members.lose(m, type(e).__name__)
-                self.master.store.forget(m.head_id)
+                self.members.lose(m, type(e).__name__)  # its held factors go at the next round (keep_only)
                 continue
             m.initialized = True
             if not isinstance(res, HeadResult) or res.head_id != m.head_id or res.round != self.round:
