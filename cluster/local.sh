@@ -16,7 +16,9 @@ cpus=${LTE_RAY_CPUS:-$(( $(nproc) * 4 ))}
 export RAY_AUTH_MODE=token
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # keep Ray on the loopback address it is given
 
-[ -s ~/.ray/auth_token ] || ray get-auth-token --generate >/dev/null
+# The token is the cluster's only credential: readable by its owner alone.
+[ -s ~/.ray/auth_token ] || (umask 077 && ray get-auth-token --generate >/dev/null)
+chmod 600 ~/.ray/auth_token
 args=(--head --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$cpus"
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash"
       --dashboard-agent-listen-port="$agent" --disable-usage-stats)

@@ -83,6 +83,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                        description="Add one LoRA head to a running run. The head lives as long as this "
                                    "command: it waits until the run ends (Ctrl-C withdraws the head).")
     p.add_argument("--run", required=True, help="the run's name (printed by `lte-ray train`)")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="the run's join secret: the file join-secret in its output folder")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
     p.add_argument("--namespace", default="lte-ray")
     p.set_defaults(func=cmd_join)
@@ -133,22 +135,41 @@ def config_from_args(args: argparse.Namespace):
     if args.rounds is not None:  # replaces a sample budget from the file too
         overrides.update(rounds_override(args.rounds))
     if args.resume:
-        return load_config(_resumable(args.resume), {**overrides, "output": args.resume})
-    return load_config(args.config, overrides)
+        return _unmasked(load_config(_resumable(args.resume), {**overrides, "output": args.resume}))
+    return _unmasked(load_config(args.config, overrides))
+
+
+def _unmasked(cfg):
+    """A run's config.yaml stores URIs with their credentials masked (`lte_ray.redact`): a run
+    resumed (or rerun with --config) from it needs them given again, or it would talk to `https://***@...`."""
+    from lte_ray.redact import masked_fields
+
+    flags = {"tracking.mlflow_uri": "--mlflow-uri", "ray.address": "--address"}
+    masked = masked_fields(cfg.to_dict())
+    if masked:
+        hint = (" (or pass MLflow credentials as MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)"
+                if masked[0] == "tracking.mlflow_uri" else "")
+        raise UserError(f"{masked[0]}: the config holds it with its credentials masked (as lte-ray stores it); "
+                        f"give it again with {flags[masked[0]]}{hint}")
+    return cfg
 
 
 def _resumable(run_dir: str) -> str:
     """The config of a run that can be resumed, or a one-line reason why not."""
     from pathlib import Path
 
-    from lte_ray.checkpoint import CHECKPOINT
+    from lte_ray.checkpoint import readable_checkpoint
 
     d = Path(run_dir)
     if not (d / "config.yaml").exists():
         raise UserError(f"--resume: {run_dir!r} holds no run (no config.yaml)")
     if (d / "summary.json").exists():
         raise UserError(f"--resume: the run in {run_dir!r} has already finished")
-    if not (d / CHECKPOINT).exists():
+    try:  # read in full here, so a bad checkpoint stops the resume before Ray starts
+        found = readable_checkpoint(d, keep_tensors=False)
+    except UserError as e:
+        raise UserError(f"--resume: {e}") from None
+    if found is None:
         raise UserError(f"--resume: {run_dir!r} has no checkpoint yet; start the run again")
     return str(d / "config.yaml")
 
@@ -165,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"lte-ray: the {cfg.method} baseline is one worker with no heads; it runs in this process",
               file=sys.stderr)
     if not args.quiet:
-        print(f"run {run.name!r} ({run.backend}); output {run.dir}; MLflow {run.tracker.uri} run {run.tracker.run_id}",
+        mlflow_run = run.tracker.run_id or "(created when MLflow answers)"
+        print(f"run {run.name!r} ({run.backend}); output {run.dir}; MLflow {run.tracker.shown_uri} run {mlflow_run}",
               file=sys.stderr)
     try:
         if args.quiet:
@@ -230,7 +252,12 @@ def cmd_join(args: argparse.Namespace) -> int:
                   f"{status['active_heads']} heads active", file=sys.stderr)
 
     try:
-        status = join(args.run, address=args.address, namespace=args.namespace, on_status=show)
+        with open(args.secret_file) as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise UserError(f"--secret-file: cannot read {args.secret_file!r}: {e.strerror or e}") from None
+    try:
+        status = join(args.run, secret=secret, address=args.address, namespace=args.namespace, on_status=show)
     except KeyboardInterrupt:
         print("lte-ray: head withdrawn", file=sys.stderr)
         return 130

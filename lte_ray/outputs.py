@@ -15,6 +15,7 @@ from lte_ray.checkpoint import save_weights, write_json
 from lte_ray.config import Config
 from lte_ray.core.protocol import RoundRecord
 from lte_ray.errors import UserError
+from lte_ray.redact import redacted_config
 
 
 def default_output(kind: str) -> Path:
@@ -29,7 +30,9 @@ class RunOutput:
             raise UserError(f"output: {str(self.dir)!r} already holds a finished run; choose another --output")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            # Credentials masked: `lte-ray train --resume` asks for them again (cli.config_from_args).
+            config = redacted_config(cfg.to_dict())
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             self._metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
         except OSError as e:
             raise UserError(f"output: cannot write to {str(self.dir)!r}: {e.strerror or e}") from None

@@ -21,6 +21,7 @@ from lte_ray.core.simulate import simulate
 from lte_ray.datasets import DataBundle
 from lte_ray.errors import UserError
 from lte_ray.outputs import RunOutput
+from lte_ray.redact import redacted_config
 from lte_ray.tracking import Tracker
 
 Sink = Callable[[RoundRecord], None]
@@ -76,8 +77,10 @@ class Run:
 
     def finish(self, result: RunResult) -> dict[str, Any]:
         """Write summary.json, the weights and the MLflow artifacts; returns the summary."""
-        tracking = {"mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.tracker.uri} if self.tracker else {}
-        summary = self.out.finish({**result.summary(), **tracking, "config": self.cfg.to_dict()}, result.state)
+        tracking = ({"mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.tracker.shown_uri}
+                    if self.tracker else {})
+        summary = self.out.finish({**result.summary(), **tracking, "config": redacted_config(self.cfg.to_dict())},
+                                  result.state)
         if self.tracker:
             self.tracker.finish(self.out.dir, summary)
         return summary

@@ -30,6 +30,7 @@ from lte_ray.core.methods import get_method
 from lte_ray.core.protocol import RoundRecord
 from lte_ray.core.task import headline_metric
 from lte_ray.data import data_task
+from lte_ray.redact import redacted_config
 from lte_ray.resolve import resolve
 from lte_ray.tracking import Tracker
 
@@ -85,7 +86,8 @@ def check_space(base: Config, grid: list[str], choice: list[str]) -> None:
         for value in raw.split(","):
             _check_trial(base, {key.strip(): yaml.safe_load(value)})
     if grid:  # combinations too (e.g. min_heads against heads)
-        axes = [(k.strip(), [yaml.safe_load(v) for v in raw.split(",")]) for k, _, raw in (g.partition("=") for g in grid)]
+        axes = [(k.strip(), [yaml.safe_load(v) for v in raw.split(",")])
+                for k, _, raw in (g.partition("=") for g in grid)]
         for combo in itertools.product(*[vals for _, vals in axes]):
             _check_trial(base, {k: v for (k, _), v in zip(axes, combo)})
 
@@ -147,8 +149,9 @@ def sweep(base: Config, space: dict[str, Any], *, output: str, samples: int = 1,
     sweep_dir.mkdir(parents=True, exist_ok=True)
     name = _slug(sweep_dir.name)
     parent = Tracker(base, sweep_dir, run_name=f"sweep {name}", backend="ray-tune")  # creates the experiment
-    children = MLflowLoggerCallback(tracking_uri=parent.uri, experiment_name=base.tracking.experiment,
-                                    tags={"mlflow.parentRunId": parent.run_id, "backend": "ray-tune"})
+    tags = {"backend": "ray-tune", **({"mlflow.parentRunId": parent.run_id} if parent.run_id else {})}
+    # Ray's callback calls MLflow itself (not through the best-effort Tracker).
+    children = MLflowLoggerCallback(tracking_uri=parent.uri, experiment_name=base.tracking.experiment, tags=tags)
     scheduler = (ASHAScheduler(time_attr="round", max_t=base.rounds,
                                grace_period=min(base.rounds, 2 * base.train.eval_every)) if asha else None)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep=name), trial_resources(base))
@@ -174,10 +177,10 @@ def sweep(base: Config, space: dict[str, Any], *, output: str, samples: int = 1,
     ranked = ok + [t for t in trials if t not in ok]
     best = ok[0] if ok else None
     report = {"metric": metric, "mode": mode, "trials": ranked, "best": best,
-              "best_config": base.replace(best["params"]).to_dict() if best else None,
-              "mlflow_uri": parent.uri, "mlflow_parent_run_id": parent.run_id}
+              "best_config": redacted_config(base.replace(best["params"]).to_dict()) if best else None,
+              "mlflow_uri": parent.shown_uri, "mlflow_parent_run_id": parent.run_id}
     write_json(sweep_dir / "best_config.json", report)
-    parent.client.set_tag(parent.run_id, "best_trial", best["trial_id"] if best else "none")
+    parent.set_tag("best_trial", best["trial_id"] if best else "none")
     parent.finish(sweep_dir, None, status="FINISHED" if best else "FAILED")
     return report
 

@@ -93,19 +93,20 @@ def test_the_import_graph_has_no_cycle():
 
 # docs/design.md's table, top to bottom: a module imports only from its own row or rows above.
 LAYERS = [
-    ["lte_ray", "lte_ray.errors", "lte_ray.checkpoint", "lte_ray.core"],
+    ["lte_ray", "lte_ray.errors", "lte_ray.redact", "lte_ray.checkpoint", "lte_ray.core"],
     ["lte_ray.config"],
     ["lte_ray.core.protocol"],
     ["lte_ray.datasets", "lte_ray.tokens", "lte_ray.data", "lte_ray.batches", "lte_ray.models"],
     ["lte_ray.core.lora", "lte_ray.core.merge", "lte_ray.core.quant", "lte_ray.core.optim", "lte_ray.core.task",
-     "lte_ray.core.precision", "lte_ray.core.upload"],
+     "lte_ray.core.precision", "lte_ray.core.upload", "lte_ray.core.robust"],
     ["lte_ray.core.head", "lte_ray.core.master"],
     ["lte_ray.core.history", "lte_ray.core.reference", "lte_ray.core.baselines"],
     ["lte_ray.core.methods"],
     ["lte_ray.core.simulate"],
     ["lte_ray.resolve"],
     ["lte_ray.runtime*"],
-    ["lte_ray.run", "lte_ray.outputs", "lte_ray.tracking", "lte_ray.progress"],
+    ["lte_ray.run", "lte_ray.outputs", "lte_ray.tracking", "lte_ray.tracking_writer", "lte_ray.tracking_backlog",
+     "lte_ray.progress"],
     ["lte_ray.cli", "lte_ray.tune", "lte_ray.bench*"],
 ]
 

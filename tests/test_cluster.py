@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -89,16 +90,40 @@ def _submit(address: str, env: dict, *entrypoint: str) -> tuple[str, str]:
     return (found.group(1) if found else status), logs
 
 
+KILL_COORDINATOR = """
+import os, sys, time
+from lte_ray.checkpoint import checkpoint_meta
+import ray
+out = sys.argv[1]
+deadline = time.time() + 600
+while time.time() < deadline:
+    meta = checkpoint_meta(out) if os.path.exists(os.path.join(out, "checkpoint.safetensors")) else None
+    if meta and meta["round"] >= 2:
+        break
+    time.sleep(0.2)
+ray.init(address="127.0.0.1:6391", namespace="lte-ray", log_to_driver=False)
+ray.kill(ray.get_actor(os.path.basename(out), namespace="lte-ray"), no_restart=True)
+print("killed at round", meta["round"])
+"""
+
+
 @pytest.mark.slow
-def test_ray_job_submit_train_succeeds_and_is_tracked(job_cluster, tmp_path):
+def test_ray_job_submit_train_succeeds_and_is_tracked_through_a_coordinator_kill(job_cluster, tmp_path):
     address, env = job_cluster
+    assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # cluster/local.sh
     out = tmp_path / "job"
-    status, logs = _submit(address, env, "jobs/train.py", "--config", "jobs/configs/digits.yaml", "--rounds", "3",
+    killer = subprocess.Popen([sys.executable, "-c", KILL_COORDINATOR, str(out)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    status, logs = _submit(address, env, "jobs/train.py", "--config", "jobs/configs/digits.yaml", "--rounds", "12",
                            "--output", str(out), "--set", "ray.cpus_per_head=0.5")
+    killed = killer.communicate(timeout=120)[0]
+    assert "killed at round" in killed, killed[-2000:]
     assert status == "succeeded", status + logs[-3000:]
     assert "lte-ray: lte on digits" in logs and "eval_accuracy" in logs and "samples seen" in logs
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 3
+    assert summary["rounds"] == 12 and summary["coordinator_restarts"] == 1
+    logged = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 13))  # no merged round lost, none twice
 
     import mlflow
 
@@ -106,6 +131,8 @@ def test_ray_job_submit_train_succeeds_and_is_tracked(job_cluster, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("lte-ray").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].info.run_id == summary["mlflow_run_id"]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 13))  # MLflow never got a step twice
 
 
 @pytest.mark.slow

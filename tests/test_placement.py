@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lte_ray.errors import UserError
-from lte_ray.runtime.coordinator import OUTPUT_TOKEN, output_problem
-from lte_ray.runtime.launch import sign_output, train
+from lte_ray.runtime.launch import train
+from lte_ray.runtime.where import OUTPUT_TOKEN, output_problem, sign_output
 
 SCRIPT = Path(__file__).with_name("placement_script.py")
 

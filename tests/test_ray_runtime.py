@@ -142,8 +142,14 @@ def test_lte_ray_join_from_a_second_process(ray_cluster, tmp_path):
     while not records:  # the run is up
         time.sleep(0.5)
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    joiner = subprocess.run([sys.executable, "-m", "lte_ray.cli", "join", "--address", ray_cluster, "--run", name],
-                            capture_output=True, text=True, timeout=600, env=env)
+    join = [sys.executable, "-m", "lte_ray.cli", "join", "--address", ray_cluster, "--run", name, "--secret-file"]
+    wrong = tmp_path.parent / f"{name}-wrong-secret"
+    wrong.write_text("guess\n")
+    refused = subprocess.run(join + [str(wrong)], capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode == 2 and "wrong join secret" in refused.stderr and "Traceback" not in refused.stderr
+    assert (tmp_path / "join-secret").stat().st_mode & 0o777 == 0o600
+    joiner = subprocess.run(join + [str(tmp_path / "join-secret")], capture_output=True, text=True, timeout=600,
+                            env=env)
     runner.join(timeout=600)
     assert joiner.returncode == 0, joiner.stderr[-2000:]
     result = box["result"]

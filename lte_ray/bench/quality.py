@@ -27,6 +27,7 @@ from lte_ray.core.task import headline_metric
 from lte_ray.data import SOURCES
 from lte_ray.errors import UserError
 from lte_ray.outputs import finished_run
+from lte_ray.redact import redacted_config
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         run.finish(run.train())
         done = finished_run(run.dir)
     summary, records = done
-    if summary["config"] != cfg.to_dict():
+    if summary["config"] != redacted_config(cfg.to_dict()):  # as Run.finish stores it
         raise UserError(f"--output: {cfg.output!r} holds a finished run of another config; choose another --output")
     curve = [{"samples": r["samples_seen"], **{k: r[k] for k in keys}} for r in records if ds.metric in r]
     return {**job, "method": cfg.method, "curve": curve, "final": {k: summary[k] for k in keys},

@@ -31,6 +31,7 @@ import torch
 from lte_ray.bench.report import machine, machine_line, markdown_table, write_outputs
 from lte_ray.config import Config
 from lte_ray.datasets import DataBundle
+from lte_ray.redact import redacted_config
 from lte_ray.run import Run
 
 # The model sizes of the lean-heads figures, as one flag: ViT-S (the paper's ImageNet model) and
@@ -136,8 +137,8 @@ def bench_system(cfg: Config, output: str, runs: bool = True, precisions: list[s
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg.data, cfg.model)
     params = sum(p.numel() for p in build_model(cfg.model, data.spec).parameters())
-    report: dict[str, Any] = {"bench": "system", "schema": 3, "machine": machine(), "config": cfg.to_dict(),
-                              "rounds": cfg.rounds, "params": params}
+    report: dict[str, Any] = {"bench": "system", "schema": 3, "machine": machine(),
+                              "config": redacted_config(cfg.to_dict()), "rounds": cfg.rounds, "params": params}
     if runs:
         console.print(f"bench system: {cfg.rounds} rounds on Ray ({cfg.lte.heads} heads) ...", highlight=False)
         name = f"bench-system-{os.getpid()}-{int(time.time())}"  # the coordinator's actor name, unique

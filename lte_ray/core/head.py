@@ -84,9 +84,12 @@ class Head:
         self.rounds_done = 0
         self.last_round: int | None = None  # the round of its last upload
         self.received = False  # has it had a full broadcast yet?
+        self.tamper: Callable[[nn.Module], None] | None = None  # fault injection: changes factors before upload
 
-    def receive(self, broadcast: Broadcast) -> None:
-        """Start a round from the merged weights: the head's output now equals the merged model's."""
+    def receive(self, broadcast: Broadcast, fresh: bool = False) -> None:
+        """Start a round from the merged weights: the head's output now equals the merged model's.
+        `fresh`: also restart from new factors and an empty optimizer state (the coordinator asks
+        for it after rejecting this head's upload, e.g. for NaN: a head never stays poisoned)."""
         if not (broadcast.full or self.received):
             raise ValueError(f"head {self.head_id}: its first broadcast must carry the full state")
         if self.cfg.lte.keep_quantized:  # main weights stay packed; only the rest is unpacked
@@ -96,6 +99,10 @@ class Head:
             state, packed = quant.unpack(broadcast, self.device), None
         lora.load_shared_state(self.model, state, partial=not broadcast.full, packed=packed)
         self.received = True
+        if fresh:
+            lora.init_factors(self.model, self.gen)
+            self.opt.state.clear()
+            self.last_round = None  # the coordinator holds nothing of these factors: the next upload sends all
         if self.cfg.lte.mode == "resetless":
             lora.snapshot(self.model)
             lora.fold(self.model)  # dense main weights: the snapshot term costs nothing per step
@@ -105,15 +112,19 @@ class Head:
                 for p in (layer.lora_A, layer.lora_B):
                     self.opt.state.pop(p, None)
 
-    def train_round(self, round_idx: int, broadcast: Broadcast, base_round: int | None = None) -> HeadResult:
+    def train_round(self, round_idx: int, broadcast: Broadcast, base_round: int | None = None,
+                    fresh: bool = False) -> HeadResult:
         """`base_round`: the round whose uploaded factors the coordinator holds for this head (None:
-        none); when it is this head's last round, only the factors' change goes up (`core.upload`)."""
+        none); when it is this head's last round, only the factors' change goes up (`core.upload`).
+        `fresh`: see `receive`."""
         start = time.perf_counter()
-        self.receive(broadcast)
+        self.receive(broadcast, fresh)
         t = self.cfg.lte.merge_every
         loss = train_steps(self.model, self.opt, self.batches, range(round_idx * t, (round_idx + 1) * t),
                            self.lr_at, self.device, self.cfg.train.grad_clip, self.precision)
         self.rounds_done += 1
+        if self.tamper is not None:
+            self.tamper(self.model)
         sent = self.upload(base_round)
         self.last_round = round_idx
         return HeadResult(

@@ -32,22 +32,27 @@ class History:
         return (round_idx + 1) % self.cfg.train.eval_every == 0 or round_idx + 1 == self.cfg.rounds
 
     def add(self, round_idx: int, samples: int, head_losses: dict[int, float], evals: dict[str, float] | None,
-            **measured: Any) -> RoundRecord:
-        """Record round `round_idx` (0-based); `measured` sets RoundRecord's other fields (bytes, seconds)."""
+            publish: bool = True, **measured: Any) -> RoundRecord:
+        """Record round `round_idx` (0-based); `measured` sets RoundRecord's other fields (bytes, seconds).
+        Without `publish` the record is built (and its samples counted) but not yet shown: see `publish`."""
         self.samples_seen += samples
         rec = RoundRecord(round=round_idx + 1, rounds=self.cfg.rounds, samples_seen=self.samples_seen,
                           train_loss=sum(head_losses.values()) / len(head_losses), head_losses=head_losses,
                           active_heads=len(head_losses), elapsed=self.elapsed, evals=evals or {}, **measured)
+        if publish:
+            self.publish(rec)
+        return rec
+
+    def publish(self, rec: RoundRecord) -> None:
         self.records.append(rec)
         if self.on_round:
             self.on_round(rec)
-        return rec
 
     def add_results(self, round_idx: int, results: list[HeadResult], evals: dict[str, float] | None,
-                    **measured: Any) -> RoundRecord:
+                    publish: bool = True, **measured: Any) -> RoundRecord:
         """Record a round merged from the heads' `results`."""
         return self.add(round_idx, sum(r.samples for r in results), {r.head_id: r.loss for r in results}, evals,
-                        head_seconds=max(r.seconds for r in results), **measured)
+                        publish, head_seconds=max(r.seconds for r in results), **measured)
 
     def last_eval(self) -> dict[str, float]:
         return next((dict(rec.evals) for rec in reversed(self.records) if rec.evals), {})

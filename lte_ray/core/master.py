@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lte_ray.config import Config
-from lte_ray.core import lora, merge, quant
+from lte_ray.core import lora, merge, quant, robust
 from lte_ray.core.protocol import Broadcast, Factors, HeadResult
 from lte_ray.core.task import evaluate
 from lte_ray.core.upload import FactorStore, Pair, problem
@@ -30,6 +30,7 @@ class Decoded:
     result: HeadResult
     pairs: dict[str, Pair]
     deltas: Factors
+    clipped: str | None = None  # what robust aggregation clipped (`ray.outliers=clip`), if anything
 
 
 class MasterWeights:
@@ -73,23 +74,31 @@ class MasterWeights:
                 or merge.replica_problem(result.replicas, self.state, self.quant_keys))
 
     def accept(self, results: list[HeadResult]) -> tuple[list[Decoded], dict[int, str]]:
-        """Read checked results back; those whose delta is within `ray.max_delta_ratio` of the
-        weights are accepted and their factors kept for the heads' next uploads. Returns the
-        accepted ones and, by head id, why the others were rejected."""
+        """Read checked results back and screen them (`core.robust`: bounds relative to the weights
+        and to the round's median head); the accepted ones (clipped where `ray.outliers=clip`) have
+        their factors kept for the heads' next uploads. Returns the accepted ones and, by head id,
+        why the others were rejected."""
         decoded = []
         for r in results:
             pairs, deltas = self.store.read(r.head_id, r.upload)  # kept on the CPU; the deltas go where W is
             on_device = {k: (u.to(self.device), v.to(self.device)) for k, (u, v) in deltas.items()}
             decoded.append(Decoded(r, pairs, on_device))
-        bound = self.cfg.ray.max_delta_ratio
-        bad = merge.over_bound(self.state, [d.deltas for d in decoded], bound) if bound is not None else {}
+        ray_cfg = self.cfg.ray
+        verdict = robust.screen(self.state, [d.deltas for d in decoded], [d.result.replicas for d in decoded],
+                                ray_cfg.max_delta_ratio, ray_cfg.max_median_ratio, clip=ray_cfg.outliers == "clip")
         for i, d in enumerate(decoded):
-            if i in bad:
+            if i in verdict.rejected:
                 self.store.forget(d.result.head_id)  # its next upload sends everything again
-            else:
-                self.store.accept(d.result.head_id, d.result.round, d.pairs)
-        accepted = [d for i, d in enumerate(decoded) if i not in bad]
-        return accepted, {decoded[i].result.head_id: why for i, why in bad.items()}
+                continue
+            # The head keeps the factors it sent, clipped or not: the store must hold what the head holds.
+            self.store.accept(d.result.head_id, d.result.round, d.pairs)
+            if i in verdict.clipped:
+                d.clipped = verdict.clipped[i]
+                d.deltas = robust.clip_delta(d.deltas, verdict.delta_scales.get(i, {}))
+                d.result.replicas = robust.clip_replicas(d.result.replicas, self.state,
+                                                         verdict.replica_scales.get(i, {}))
+        accepted = [d for i, d in enumerate(decoded) if i not in verdict.rejected]
+        return accepted, {decoded[i].result.head_id: why for i, why in verdict.rejected.items()}
 
     def merge(self, accepted: list[Decoded]) -> None:
         self.state = merge.merge_round(self.state, [d.deltas for d in accepted], [d.result.replicas for d in accepted])

@@ -141,6 +141,15 @@ class RoundRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "evals" and getattr(self, f.name) is not None}
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, nested as here (for a checkpoint's metadata; `from_dict` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RoundRecord":
+        """A record as `as_dict` wrote it, after a trip through JSON (head ids became strings)."""
+        return cls(**{**data, "head_losses": {int(k): v for k, v in data["head_losses"].items()}})
+
     def to_json(self) -> dict[str, Any]:
         """Flat, as metrics.jsonl holds it: the eval metrics at the top level, head ids as strings."""
         out = self._measured()
@@ -166,6 +175,11 @@ class RunCounters:
     heads_lost: int = 0
     heads_rejected: int = 0
     late_results: int = 0
+    heads_clipped: int = 0  # results merged with an update clipped to the robust bound
+    heads_reset: int = 0  # heads told to restart from fresh factors after a rejected upload
+    heads_replaced_late: int = 0  # heads late `ray.max_late_rounds` rounds in a row, replaced
+    start_failures: int = 0  # heads that could not start once the run had begun
+    coordinator_restarts: int = 0  # the driver restarted a dead coordinator from its checkpoint
 
 
 @dataclass

@@ -1,106 +1,104 @@
 """Coordinator: a named Ray actor that owns the fp32 main weights and runs the rounds.
 
 One round: `ref = ray.put(broadcast)` once -> `train_round.remote(r, ref)` on every active head
--> `ray.wait(..., timeout=round_timeout_s)` -> drop dead heads, discard late results, reject
-invalid uploads -> merge (`core.master`: decode the uploads, bound their norms, one product per layer) if at
-least `min_heads` reported -> next round, admitting heads that became ready (`runtime.membership`:
-replacements for lost heads, heads pending for resources, joiners). Evaluation every E rounds and
-the checkpoint every K rounds run in the background meanwhile (`runtime.round_tail`).
+-> gather the results as they arrive (`runtime.gather`: checked, stragglers given a grace, the
+hard `round_timeout_s`) -> screen them (`core.robust`: bounds relative to the weights and to the
+round's median head) -> merge if at least `min_heads` were accepted -> next round, admitting heads
+that became ready (`runtime.membership`: replacements for lost heads, heads pending for resources,
+joiners). Evaluation every E rounds and the checkpoint every K rounds run in the background
+meanwhile (`runtime.round_tail`); a checkpoint that fails (a full disk) is tried again next round.
 
-Late results are discarded (staleness 0): a head that misses the deadline is left alone until
-its late task finishes, then it takes part again from the current weights.
+Nothing a head sends can end the run; a head whose upload was rejected starts its next round
+from fresh factors. Setup errors (a data path missing on this node, say) are raised by `run()`,
+so the driver gets their message. Access: heads join with the run's secret (`join_ticket`), under
+ids the coordinator issues; `run()` is entered once.
 
-It runs as a threaded actor, so `records_since`, `status` and `add_worker` are answered while
+It runs as a threaded actor, so `records_since`, `status` and the joins are answered while
 `run` is busy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
-import os
+import threading
 import time
 from typing import Any, Callable
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lte_ray.checkpoint import load_checkpoint, save_checkpoint
 from lte_ray.config import Config
 from lte_ray.core.history import History
 from lte_ray.core.master import MasterWeights
-from lte_ray.core.protocol import HeadResult, RoundRecord, RunCounters, RunResult
+from lte_ray.core.protocol import RoundRecord, RunCounters, RunResult
 from lte_ray.data import load_data
 from lte_ray.errors import UserError
+from lte_ray.redact import redacted_config
+from lte_ray.runtime.gather import gather, reject
 from lte_ray.runtime.membership import Member, Membership
 from lte_ray.runtime.round_tail import RoundTail
-from lte_ray.runtime.worker import assigned_cuda_device, torch_threads
+from lte_ray.runtime.where import coordinator_device, output_problem
+from lte_ray.runtime.worker import torch_threads
 
 log = logging.getLogger("lte_ray.coordinator")
-OUTPUT_TOKEN = ".lte-ray-output-token"  # see `launch.sign_output`
-
-
-def _device() -> torch.device:
-    """The coordinator's device: the GPU Ray assigned it, if CUDA works there; else the CPU (with a
-    warning when it asked for a GPU: the run still completes, slower)."""
-    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-    if not gpu_ids:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # num_gpus=0 no longer hides the node's GPUs
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log.warning("coordinator: Ray assigned GPU %s but CUDA is not usable here; merging on the CPU",
-                    ",".join(gpu_ids))
-        return torch.device("cpu")
-    return assigned_cuda_device(gpu_ids)
-
-
-def output_problem(output_dir: str, token: str | None) -> str | None:
-    """Why this process cannot use the driver's output folder (it reads back the driver's token), or None."""
-    if token is None:
-        return None
-    try:
-        with open(os.path.join(output_dir, OUTPUT_TOKEN)) as f:
-            if f.read() == token:
-                return None
-    except OSError:
-        pass
-    node = ray.get_runtime_context().get_node_id()[:12]
-    return (f"output: the coordinator runs on node {node}, which does not see the driver's output folder "
-            f"{output_dir}; put it on storage every node mounts (NFS, EFS, a shared volume)")
+RECENT_RECORDS = 8  # records a checkpoint carries, for a driver that had not received them yet
 
 
 class Coordinator:
     def __init__(self, cfg: Config, run_name: str, output_dir: str, mlflow_run_id: str | None = None,
-                 resume: bool = False, placement_group: Any = None, output_token: str | None = None):
-        """`output_token`: what the driver wrote into `output_dir` (see `launch.sign_output`)."""
+                 resume: bool = False, placement_group: Any = None, output_token: str | None = None,
+                 join_secret: str | None = None, restarts: int = 0):
+        """`output_token`: what the driver wrote into `output_dir` (see `launch.sign_output`);
+        `join_secret`: what `lte-ray join` must present; `restarts`: how often the driver has
+        restarted this run's coordinator."""
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-        # Raised by run(): an error raised here would reach the driver without its message.
-        self.setup_error = output_problem(output_dir, output_token)
-        torch.set_num_threads(torch_threads(cfg.ray.coordinator_cpus))  # merge, quantize, evaluation
         self.cfg = cfg  # the driver's resolved config: nothing is validated again here
         self.run_name, self.output_dir, self.mlflow_run_id = run_name, output_dir, mlflow_run_id
+        self.join_secret = join_secret
+        self.entered, self.lock = False, threading.Lock()
+        self.replayed: list[RoundRecord] = []  # the checkpoint's recent records, sent to the driver again
+        self.history: History | None = None
+        # Raised by run(): an error raised here would reach the driver without its message.
+        self.setup_error: BaseException | None = None
+        problem = output_problem(output_dir, output_token)
+        if problem:
+            self.setup_error = UserError(problem)
+            return
+        try:
+            self._setup(resume, placement_group, restarts)
+        except Exception as e:  # noqa: BLE001 (raised by run())
+            self.setup_error = e
+
+    def _setup(self, resume: bool, placement_group: Any, restarts: int) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(torch_threads(cfg.ray.coordinator_cpus))  # merge, quantize, evaluation
         # Inside a Tune trial every head (replacements too) goes into the trial's placement group.
         head_options = ({"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
                         if placement_group is not None else {})
         self.data = load_data(cfg.data, cfg.model)
-        self.master = MasterWeights(cfg, self.data, _device())
+        self.master = MasterWeights(cfg, self.data, coordinator_device())
         self.counters, self.round, next_head_id = RunCounters(), 0, 0
         samples_seen, elapsed = 0, 0.0
-        if resume and not self.setup_error:
-            state, meta = load_checkpoint(output_dir)
+        if resume:
+            state, meta = load_checkpoint(self.output_dir)
             self.master.load(state)
             self.round, next_head_id = meta["round"], meta["next_head_id"]
             self.counters = RunCounters(**meta["counters"])
             samples_seen, elapsed = meta["samples_seen"], meta["wall_seconds"]  # both continue across the resume
-            log.info("resumed %s at round %d from its checkpoint", run_name, self.round)
+            self.replayed = [RoundRecord.from_dict(r) for r in meta.get("recent", [])]
+            log.info("resumed %s at round %d from its checkpoint", self.run_name, self.round)
+        self.counters.coordinator_restarts = max(self.counters.coordinator_restarts, restarts)
         self.samples_seen = samples_seen
         self.history = History(cfg, on_round=None, samples_seen=samples_seen, elapsed=elapsed)
         # A merged round's evaluation, checkpoint and record run in the background, started once
         # the next round's heads are dispatched (`_start_tail`).
         self.tail = RoundTail()
         self.deferred_tail: Callable[[], None] | None = None
+        self.checkpoint_owed = False  # the last checkpoint failed: the next round writes one
         self.members = Membership(cfg, self.counters, head_options, next_head_id)
 
     # --- queries and membership, answered while run() works ------------------------------------
@@ -109,9 +107,12 @@ class Coordinator:
         return self.cfg
 
     def records_since(self, index: int) -> list[RoundRecord]:
-        return self.history.records[index:]
+        """Records from `index` on: first those the checkpoint carried (the driver skips rounds it has)."""
+        return (self.replayed + (self.history.records if self.history else []))[index:]
 
     def status(self) -> dict[str, Any]:
+        if self.setup_error is not None:
+            return {"round": 0, "rounds": self.cfg.rounds, "done": True, "active_heads": 0, "members": []}
         return {"round": self.round, "rounds": self.cfg.rounds, "node_id": ray.get_runtime_context().get_node_id(),
                 "device": str(self.master.device), **self.members.status()}
 
@@ -122,18 +123,31 @@ class Coordinator:
     def worker_handles(self) -> dict[int, Any]:
         return self.members.handles()
 
-    def reserve_head_id(self) -> int:
-        return self.members.reserve_head_id()
+    def _refuse(self, secret: str) -> str | None:
+        if self.setup_error is not None:
+            return "the run could not start"
+        if self.join_secret is None or not hmac.compare_digest(str(secret), self.join_secret):
+            return "wrong join secret (see the run's join-secret file)"
+        return None
 
-    def add_worker(self, head_id: int, handle: Any) -> str | None:
-        """A head from another process joins at the next round boundary. Returns why not, or None."""
-        return self.members.add(head_id, handle)
+    def join_ticket(self, secret: str) -> int | str:
+        """A head id for a joiner to build its head under, or why not."""
+        return self._refuse(secret) or self.members.issue_ticket()
+
+    def add_worker(self, head_id: int, handle: Any, secret: str) -> str | None:
+        """A joiner's head, built under an id from `join_ticket`, takes part from the next round
+        boundary. Returns why not, or None."""
+        return self._refuse(secret) or self.members.add(head_id, handle)
 
     # --- the rounds -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        if self.setup_error:
-            raise UserError(self.setup_error)
+        with self.lock:
+            if self.entered:
+                raise RuntimeError(f"run {self.run_name!r} is already running; run() is entered once")
+            self.entered = True
+        if self.setup_error is not None:
+            raise self.setup_error
         cfg = self.cfg
         failed = 0
         try:  # whatever happens, the heads this coordinator started are stopped at the end
@@ -159,8 +173,8 @@ class Coordinator:
                         raise RuntimeError(f"no quorum of {cfg.ray.min_heads} valid results for {failed} rounds")
             self._start_tail()
             self.tail.drain()
-            if self.round % cfg.ray.checkpoint_every:
-                save_checkpoint(self.output_dir, self.master.state, self._meta())
+            if self.round % cfg.ray.checkpoint_every or self.checkpoint_owed:
+                self._checkpoint(self.master.state, self._meta(), final=True)
         finally:
             self.members.stop()
             self._start_tail()  # after an error too: the last merged round's checkpoint and record
@@ -181,31 +195,30 @@ class Coordinator:
         store = self.master.store
         store.keep_only(set(self.members.handles()))  # heads lost since the last round
         futures = {m.handle.train_round.remote(r, full_ref if not m.initialized else ref,
-                                               store.base_round(m.head_id)): m for m in active}
+                                               store.base_round(m.head_id), m.reset_next): m for m in active}
+        for m in active:
+            m.reset_next = False
         self._start_tail()  # the last round's evaluation and checkpoint overlap these heads, not the quantize
-        # Results are received and checked as they arrive, while slower heads still train.
-        results, bytes_up, rejected, late = [], 0, 0, list(futures)
-        deadline, t_collect = time.monotonic() + cfg.ray.round_timeout_s, 0.0
-        while late and (left := deadline - time.monotonic()) > 0:
-            ready, late = ray.wait(late, num_returns=1, timeout=left)
-            t_arrived = time.perf_counter()
-            got, nbytes, bad = self._collect(ready, futures)
-            results, bytes_up, rejected = results + got, bytes_up + nbytes, rejected + bad
-            t_collect = time.perf_counter() - t_arrived  # the last arrival's is on the critical path
-        for f in late:
-            log.warning("round %d: head %d missed the %gs deadline; its result will be discarded",
-                        r + 1, futures[f].head_id, cfg.ray.round_timeout_s)
+        got = gather(futures, self.members, self.master, r, cfg)  # as results arrive, while slower heads train
+        for f in got.late:
+            log.warning("round %d: head %d missed the deadline; its result will be discarded", r + 1,
+                        futures[f].head_id)
             self.members.mark_late(futures[f], f)
             store.forget(futures[f].head_id)  # its factors move on without us: it sends them all next time
         bytes_down = broadcast.nbytes * (len(futures) - len(new)) + full.nbytes * len(new)
-        self.counters.bytes_up += bytes_up
+        self.counters.bytes_up += got.bytes_up
         self.counters.bytes_down += bytes_down
-        results.sort(key=lambda x: x.head_id)  # a fixed summation order: reproducible merges
+        results = sorted(got.results, key=lambda x: x.head_id)  # a fixed summation order: reproducible merges
         t1 = time.perf_counter()
-        accepted, over = self.master.accept(results)  # decode, bound the delta norms
+        accepted, over = self.master.accept(results)  # decode, screen (`core.robust`)
+        by_id = {m.head_id: m for m in active}
         for head_id, why in over.items():
-            log.warning("round %d: rejected head %d: %s", r + 1, head_id, why)
-        rejected += len(over)
+            reject(by_id[head_id], why, r, self.members, self.master)
+        for d in accepted:
+            if d.clipped:
+                log.warning("round %d: clipped head %d: %s", r + 1, d.result.head_id, d.clipped)
+                self.counters.heads_clipped += 1
+        rejected = got.rejected + len(over)
         self.counters.heads_rejected += rejected
         if len(accepted) < cfg.ray.min_heads:
             log.warning("round %d: %d valid results < ray.min_heads=%d; not merged, retrying",
@@ -217,24 +230,38 @@ class Coordinator:
         merged = [d.result for d in accepted]
         self.samples_seen += sum(x.samples for x in merged)
         state = self.master.state  # a snapshot: merges make new tensors
-        meta = self._meta() if self.round % cfg.ray.checkpoint_every == 0 else None
-        measured = dict(bytes_up=bytes_up, bytes_down=bytes_down, merge_seconds=t_merge, quantize_seconds=t_quant,
-                        heads_rejected=rejected, collect_seconds=t_collect)
+        due = self.round % cfg.ray.checkpoint_every == 0
+        meta = self._meta()  # as of this merge (the tail runs while the next round changes things)
+        measured = dict(bytes_up=got.bytes_up, bytes_down=bytes_down, merge_seconds=t_merge, quantize_seconds=t_quant,
+                        heads_rejected=rejected, collect_seconds=got.collect_seconds)
 
         def finish() -> None:  # in the background, while the next round trains
             t2 = time.perf_counter()
             evals = self.master.evaluate(state) if self.history.eval_due(r) else None
             t3 = time.perf_counter()
-            if meta is not None:
-                save_checkpoint(self.output_dir, state, meta)
-            # Recorded after the checkpoint: every round the driver logs is safely on disk.
-            self.history.add_results(r, merged, evals, round_seconds=critical, evaluation_seconds=t3 - t2,
-                                     checkpoint_seconds=time.perf_counter() - t3, **measured)
+            rec = self.history.add_results(r, merged, evals, publish=False, round_seconds=critical,
+                                           evaluation_seconds=t3 - t2, **measured)
+            if due or self.checkpoint_owed:
+                recent = self.history.records[-(RECENT_RECORDS - 1):] + [rec]
+                self._checkpoint(state, {**meta, "recent": [x.as_dict() for x in recent]})
+            rec.checkpoint_seconds = time.perf_counter() - t3
+            # Shown after the checkpoint: a round the driver logs is on disk (or the disk failed, said so).
+            self.history.publish(rec)
 
         self.tail.drain()  # the last round's tail: waiting for it is on this round's critical path
         critical = time.perf_counter() - t0
         self.deferred_tail = finish
         return True
+
+    def _checkpoint(self, state: dict[str, torch.Tensor], meta: dict[str, Any], final: bool = False) -> None:
+        """Write the checkpoint; a disk error is logged, and the next round tries again."""
+        try:
+            save_checkpoint(self.output_dir, state, meta)
+            self.checkpoint_owed = False
+        except OSError as e:
+            self.checkpoint_owed = True
+            log.warning("round %d: checkpoint failed (%s)%s", meta["round"], e,
+                        "" if final else "; trying again next round, the run goes on")
 
     def _start_tail(self) -> None:
         """Start the merged round's evaluation, checkpoint and record in the background."""
@@ -242,39 +269,10 @@ class Coordinator:
             self.tail.submit(self.deferred_tail)
             self.deferred_tail = None
 
-    def _collect(self, ready: list[Any], futures: dict[Any, Member]) -> tuple[list[HeadResult], int, int]:
-        """The readable results among `ready`, the bytes they uploaded, and how many were rejected."""
-        results: list[HeadResult] = []
-        bytes_up = rejected = 0
-        for f in ready:
-            m = futures[f]
-            try:
-                res: HeadResult = ray.get(f)
-            except (RayError, GetTimeoutError) as e:
-                self.members.lose(m, type(e).__name__)  # its held factors go at the next round (keep_only)
-                continue
-            m.initialized = True
-            if not isinstance(res, HeadResult) or res.head_id != m.head_id or res.round != self.round:
-                why = "not this head's result for this round"
-            elif not all(isinstance(x, (int, float)) for x in (res.loss, res.samples, res.seconds)):
-                why = "its loss, samples or seconds are not numbers"
-            else:
-                try:  # a result this malformed is the head's problem, never the coordinator's
-                    why = self.master.problem(res)
-                except Exception as e:  # noqa: BLE001
-                    why = f"unreadable ({type(e).__name__}: {e})"
-                bytes_up += 0 if why else res.nbytes  # a malformed upload may not even have a size
-            if why:
-                log.warning("round %d: rejected head %d: %s", self.round + 1, m.head_id, why)
-                self.master.store.forget(m.head_id)  # its next upload sends everything again
-                rejected += 1
-                continue
-            results.append(res)
-        return results, bytes_up, rejected
-
     def _meta(self) -> dict[str, Any]:
         """The checkpoint's metadata as of now (the round just merged)."""
         return {"round": self.round, "next_head_id": self.members.next_head_id,
                 "counters": dataclasses.asdict(self.counters), "samples_seen": self.samples_seen,
                 "wall_seconds": self.history.elapsed, "mlflow_run_id": self.mlflow_run_id, "run_name": self.run_name,
-                "config": self.cfg.to_dict()}
+                "config": redacted_config(self.cfg.to_dict())}
+

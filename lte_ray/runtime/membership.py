@@ -3,7 +3,13 @@ ones, heads still waiting for the cluster to fit them, and heads joining from ot
 
 Membership changes only at round boundaries (`admit`). A head whose process dies is dropped and,
 if the coordinator started it, replaced; the replacement joins when it is up (maybe once the
-cluster grows). A head still running a late task is left alone until it ends (staleness 0).
+cluster grows). A head still running a late task is left alone until it ends (staleness 0); one
+late `ray.max_late_rounds` rounds in a row is replaced. A head that cannot start once the run has
+begun (a node without the data, say) is a lost head: after `ray.max_start_failures` such heads
+no more are tried, and the run goes on with those it has.
+
+Head ids are assigned here, never by a caller: a joiner asks for a ticket (`issue_ticket`) and
+can add a head only under an id it was issued, once, so nobody can replace another's head.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class Member:
     busy: Any = None  # ObjectRef of a late train_round still running
     info: dict | None = None
     initialized: bool = False  # has it completed a round (and so holds the full state)?
+    late_streak: int = 0  # rounds in a row it missed the deadline
+    reset_next: bool = False  # its last upload was rejected: it starts the next round from fresh factors
 
     @property
     def active(self) -> bool:
@@ -46,33 +54,45 @@ class Membership:
         self.next_head_id = next_head_id
         self.members: dict[int, Member] = {}
         self.lock = threading.RLock()  # `add` and the queries come from other threads of the actor
+        self.tickets: set[int] = set()  # ids issued to joiners, not yet used
         self.started = False  # has the first round begun?
         self.done = False
 
-    def reserve_head_id(self) -> int:
-        with self.lock:
-            self.next_head_id += 1
-            return self.next_head_id - 1
+    def _new_head_id(self) -> int:
+        self.next_head_id += 1
+        return self.next_head_id - 1
 
-    def add(self, head_id: int, handle: Any) -> str | None:
-        """A head from another process joins at the next round boundary. Returns why not, or None."""
+    def issue_ticket(self) -> int | str:
+        """A head id for a joiner to build its head under, or why not."""
         with self.lock:
             if self.done:
                 return "the run has finished"
-            cap = self.cfg.ray.max_heads
-            if cap is not None and len(self.members) >= cap:
-                return f"the run is at ray.max_heads={cap}"
+            if len(self.members) + len(self.tickets) >= self.cfg.head_cap:
+                return f"the run is at its cap of {self.cfg.head_cap} heads (ray.max_heads)"
+            hid = self._new_head_id()
+            self.tickets.add(hid)
+            return hid
+
+    def add(self, head_id: int, handle: Any) -> str | None:
+        """A joiner's head, built under an id this run issued it, takes part from the next round
+        boundary. Returns why not, or None."""
+        with self.lock:
+            if self.done:
+                return "the run has finished"
+            if head_id not in self.tickets:
+                return f"head id {head_id!r} was not issued to a joiner, or is already in use"
+            self.tickets.discard(head_id)
             self.members[head_id] = Member(head_id, handle, spawned=False, ready=handle.info.remote())
             log.info("head %d asked to join; it takes part from the next round", head_id)
             return None
 
     def spawn(self) -> None:
         with self.lock:
-            hid = self.reserve_head_id()
+            hid = self._new_head_id()
             handle = head_actor(self.cfg, hid, **self.head_options)
             self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
 
-    def lose(self, m: Member, why: str) -> None:
+    def lose(self, m: Member, why: str, replace: bool = True) -> None:
         log.warning("head %d lost (%s)", m.head_id, why)
         with self.lock:
             self.members.pop(m.head_id, None)
@@ -82,14 +102,21 @@ class Membership:
                     ray.kill(m.handle)
                 except RayError:
                     pass
-                if sum(x.spawned for x in self.members.values()) < self.cfg.lte.heads:
+                if replace and sum(x.spawned for x in self.members.values()) < self.cfg.lte.heads:
                     self.spawn()  # the replacement joins when it is up (maybe once the cluster grows)
+
+    def on_time(self, m: Member) -> None:
+        m.late_streak = 0
 
     def mark_late(self, m: Member, ref: Any) -> None:
         """`m` missed the round's deadline: it sits out until `ref`, its late task, ends."""
         with self.lock:
             m.busy = ref
+            m.late_streak += 1
             self.counters.late_results += 1
+            if m.late_streak >= self.cfg.ray.max_late_rounds and m.spawned:
+                self.counters.heads_replaced_late += 1
+                self.lose(m, f"late {m.late_streak} rounds in a row; replaced")
 
     def admit(self, next_round: int) -> list[Member]:
         """At a round boundary: heads that finished starting, or finished a late task, take part.
@@ -107,21 +134,33 @@ class Membership:
             setattr(m, attr, None)
             try:
                 value = ray.get(ref)
-            except RayTaskError as e:
-                if attr == "ready":  # the head could not be built: a setup error, not a fault
-                    if isinstance(e.cause, UserError):
-                        raise e.cause from None
-                    raise RuntimeError(f"head {m.head_id} could not start: {e.cause!r}") from e
-                self.lose(m, f"{type(e.cause).__name__} while busy")
-                return
             except RayError as e:
-                self.lose(m, f"{type(e).__name__} while {'starting' if attr == 'ready' else 'busy'}")
+                cause = e.cause if isinstance(e, RayTaskError) else e
+                if attr == "busy":
+                    self.lose(m, f"{type(cause).__name__} while busy")
+                elif self.started:  # once training has begun, a head that cannot start is a lost head
+                    self._start_failed(m, cause)
+                elif isinstance(cause, UserError):  # before the first round: a setup error, not a fault
+                    raise cause from None
+                elif isinstance(e, RayTaskError):
+                    raise RuntimeError(f"head {m.head_id} could not start: {cause!r}") from e
+                else:  # its process died while starting
+                    self.lose(m, f"{type(e).__name__} while starting")
                 return
             if attr == "ready":
                 m.info = value
                 if self.started:  # admitted once training had begun: it joined mid-run
                     self.counters.heads_joined += 1
                     log.info("head %d joined at round %d", m.head_id, next_round)
+
+    def _start_failed(self, m: Member, cause: BaseException) -> None:
+        """A head that could not start mid-run is lost; replacements are tried a bounded number of times."""
+        self.counters.start_failures += 1
+        retry = self.counters.start_failures <= self.cfg.ray.max_start_failures
+        self.lose(m, f"could not start: {cause}", replace=retry)
+        if not retry and m.spawned:
+            log.warning("%d heads failed to start (ray.max_start_failures=%d); going on with %d heads",
+                        self.counters.start_failures, self.cfg.ray.max_start_failures, len(self.members))
 
     def wait(self, need: int, timeout: float) -> None:
         """Block until `need` starting or busy heads are done, or `timeout` passes."""

@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import ray
 import torch
 
 from lte_ray.config import Config
+from lte_ray.core import lora
 from lte_ray.core.head import Head
 from lte_ray.core.protocol import Broadcast, HeadResult
 from lte_ray.errors import UserError
 
-CORRUPTIONS = ("nan", "shape", "type")
+CORRUPTIONS = ("nan", "shape", "type", "poison", "nan-factors")
+POISON_SCALE = -10.0  # "poison": every B factor scaled (and its sign flipped) before the upload
 
 
 class HeadWorker:
     def __init__(self, cfg: Config, head_id: int, torch_threads: int = 1):
         torch.set_num_threads(max(1, torch_threads))
         self._corrupt: str | None = None
+        self._corrupt_always = False
+        self._slowdown = 1.0
         # A head that cannot be built (bad data path on this node, say) reports why from info(),
         # as a task error carrying the original exception, instead of dying with a traceback string.
         try:
@@ -46,19 +51,47 @@ class HeadWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def train_round(self, round_idx: int, broadcast: Broadcast, base_round: int | None = None) -> HeadResult:
+    def train_round(self, round_idx: int, broadcast: Broadcast, base_round: int | None = None,
+                    fresh: bool = False) -> HeadResult:
         # `broadcast` arrives resolved from the round's single ObjectRef (one ray.put per round).
-        result = self.head.train_round(round_idx, broadcast, base_round)
-        if self._corrupt:
-            result, self._corrupt = _corrupted(result, self._corrupt), None
+        start = time.perf_counter()
+        kind = self._corrupt
+        if not self._corrupt_always:
+            self._corrupt = None
+        self.head.tamper = TAMPER.get(kind or "")
+        result = self.head.train_round(round_idx, broadcast, base_round, fresh)
+        if kind and kind not in TAMPER:
+            result = _corrupted(result, kind)
+        if self._slowdown > 1:  # a straggler: slow hardware, a shared GPU, a bad link
+            time.sleep((self._slowdown - 1) * (time.perf_counter() - start))
         return result
 
-    def corrupt_next(self, kind: str) -> None:
-        """Fault injection for tests and drills: the next upload carries NaN, wrong shapes, or is
-        not an upload at all."""
+    def corrupt_next(self, kind: str, every_round: bool = False) -> None:
+        """Fault injection for tests and drills: the next upload (or, with `every_round`, every one)
+        carries NaN, wrong shapes, is not an upload at all, is poisoned (B scaled by -10), or the
+        head's own factors go NaN (a diverged head: it stays NaN until restarted fresh)."""
         if kind not in CORRUPTIONS:
             raise ValueError(f"kind must be one of {CORRUPTIONS}")
-        self._corrupt = kind
+        self._corrupt, self._corrupt_always = kind, every_round
+
+    def slow_down(self, factor: float) -> None:
+        """Fault injection: each round takes `factor` times as long."""
+        self._slowdown = max(1.0, factor)
+
+
+def _poison(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for layer in lora.lte_layers(model).values():
+            layer.lora_B.mul_(POISON_SCALE)
+
+
+def _diverge(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for layer in lora.lte_layers(model).values():
+            layer.lora_B.fill_(float("nan"))
+
+
+TAMPER = {"poison": _poison, "nan-factors": _diverge}  # faults in the head's own factors, before its upload
 
 
 def _corrupted(result: HeadResult, kind: str) -> HeadResult:

@@ -1,0 +1,101 @@
+"""Faults and bad actors on Ray (issue 12): nothing a single head, joiner or client does stops or
+poisons a run; a straggler does not stall it; a dead coordinator is restarted from its checkpoint
+with no merged round lost or shown twice."""
+
+import time
+import uuid
+
+import pytest
+import ray
+import torch
+
+from lte_ray.runtime.launch import train
+
+
+def _name() -> str:
+    return f"faults-{uuid.uuid4().hex[:8]}"
+
+
+def _coordinator(name: str):
+    return ray.get_actor(name, namespace="lte-ray")
+
+
+def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
+    """A head poisoning every upload, a head whose factors go NaN, a client without the join
+    secret, one reusing a head id, and a second run() call."""
+    cfg = ray_cfg(**{"lte.heads": 4, "train.rounds": 30, "lte.quant": "none", "ray.max_median_ratio": 4.0})
+    name, seen = _name(), {}
+
+    def on_round(rec):
+        if rec.round != 2 or seen:
+            return
+        coord = _coordinator(name)
+        handles = ray.get(coord.worker_handles.remote())
+        ids = sorted(handles)
+        seen["poisoner"], seen["diverged"] = ids[0], ids[1]
+        ray.get([handles[ids[0]].corrupt_next.remote("poison", every_round=True),
+                 handles[ids[1]].corrupt_next.remote("nan-factors")])
+        secret = (tmp_path / "join-secret").read_text().strip()
+        seen["no_secret"] = ray.get(coord.join_ticket.remote("guess"))
+        seen["reused_id"] = ray.get(coord.add_worker.remote(ids[2], handles[ids[2]], secret))
+        try:
+            ray.get(coord.run.remote())
+        except ray.exceptions.RayTaskError as e:
+            seen["second_run"] = str(e)
+    result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
+    assert result.rounds == 30
+    assert "wrong join secret" in seen["no_secret"]
+    assert "was not issued" in seen["reused_id"]
+    assert "entered once" in seen["second_run"]
+    print(f"\n{result.counters}")
+    after = result.history[8:]  # the faults start a few rounds after 2 (rounds are in flight when the driver sees it)
+    assert not any(seen["poisoner"] in r.head_losses for r in after)  # never merged again
+    assert seen["diverged"] in result.history[-1].head_losses  # restarted fresh, it takes part again
+    assert result.counters.heads_rejected >= len(after) + 1
+    assert result.counters.heads_reset == result.counters.heads_rejected
+    assert all(torch.isfinite(v).all() for v in result.state.values() if v.is_floating_point())
+    assert (tmp_path / "join-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_straggler_does_not_stall_the_rounds_and_is_replaced(ray_cluster, ray_cfg, tmp_path):
+    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 80, "lte.quant": "none", "ray.straggler_grace": 2.0,
+                     "ray.max_late_rounds": 2})
+    name, slowed = _name(), {}
+
+    def on_round(rec):
+        if rec.round == 2 and not slowed:
+            handles = ray.get(_coordinator(name).worker_handles.remote())
+            slowed["head"] = sorted(handles)[0]
+            slowed["t"] = time.monotonic()
+            ray.get(handles[slowed["head"]].slow_down.remote(100.0))  # a round of ~0.05 s takes ~5 s
+
+    result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
+    took = time.monotonic() - slowed["t"]
+    print(f"\n78 rounds with a 100x straggler: {took:.1f} s; {result.counters}")
+    assert result.rounds == 80 and result.counters.late_results >= 2
+    assert result.counters.heads_replaced_late == 1  # late twice in a row: replaced by a normal head
+    assert slowed["head"] not in result.history[-1].head_losses
+    assert any(len(r.head_losses) == 3 for r in result.history[-15:])  # the replacement takes part
+    assert took < 60  # waiting for the straggler in every round would take 78 x 5 s
+
+
+def test_a_killed_coordinator_is_restarted_from_its_checkpoint(ray_cluster, ray_cfg, tmp_path):
+    cfg = ray_cfg(**{"lte.heads": 2, "train.rounds": 12, "lte.quant": "none"})
+    name, shown, killed = _name(), [], {}
+
+    def on_round(rec):
+        shown.append(rec.round)
+        if rec.round == 4 and not killed:
+            killed["round"] = rec.round
+            ray.kill(_coordinator(name), no_restart=True)
+
+    result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
+    assert killed and result.rounds == 12 and result.counters.coordinator_restarts == 1
+    assert shown == list(range(1, 13))  # every merged round shown once: none lost, none twice
+    assert result.samples_seen == 12 * cfg.samples_per_round
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_the_heads_a_run_takes_are_capped(tiny_cfg, cap):
+    cfg = tiny_cfg(**{"lte.heads": 2, "ray.max_heads": cap})
+    assert cfg.head_cap == (cap or 4)

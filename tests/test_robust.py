@@ -1,0 +1,124 @@
+"""Robust aggregation (`core.robust`) and a head's fresh restart: bounds relative to the weights and
+to the round's median head, for deltas and replica changes, reject or clip; a head whose factors
+went NaN takes part again once the coordinator asks it to restart fresh."""
+
+import math
+
+import pytest
+import torch
+
+from lte_ray.core import merge, robust
+from lte_ray.core.head import Head
+from lte_ray.core.lora import lte_layers
+from lte_ray.core.master import MasterWeights
+from lte_ray.data import load_data
+
+
+def _delta(norm: float, g: torch.Generator, m: int = 32, n: int = 24, k: int = 4):
+    """A rank-k delta (U, V) of Frobenius norm `norm`."""
+    u, v = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    return u * (norm / float((u @ v).norm())), v
+
+
+def _round(norms, w_norm=100.0):
+    g = torch.Generator().manual_seed(0)
+    weights = {"w": torch.full((32, 24), w_norm / math.sqrt(32 * 24))}
+    return weights, [{"w": _delta(x, g)} for x in norms]
+
+
+def test_a_head_far_above_its_peers_is_rejected_though_within_the_weight_bound():
+    # |W| = 100: a delta of 490 is within 5x |W| (the only bound before), but 10x the median head
+    weights, deltas = _round([45.0, 50.0, 55.0, 490.0])
+    assert merge.over_bound(weights, deltas, 5.0) == {}  # the old check let it through
+    verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0)
+    assert set(verdict.rejected) == {3} and "over this round's bound" in verdict.rejected[3]
+    assert robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=None).rejected == {}
+
+
+def test_clipping_scales_an_outlier_down_to_the_bound():
+    weights, deltas = _round([45.0, 50.0, 55.0, 490.0])
+    verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0, clip=True)
+    assert verdict.rejected == {} and set(verdict.clipped) == {3}
+    clipped = robust.clip_delta(deltas[3], verdict.delta_scales[3])
+    median = float(torch.tensor([45.0, 50.0, 55.0, 490.0]).median())  # the lower middle: 50
+    assert float((clipped["w"][0] @ clipped["w"][1]).norm()) == pytest.approx(4.0 * median, rel=1e-4)
+
+
+def test_non_finite_updates_are_rejected_even_when_clipping():
+    weights, deltas = _round([45.0, 50.0, 55.0])
+    deltas[1]["w"][0][0, 0] = float("nan")
+    verdict = robust.screen(weights, deltas, [{}] * 3, max_ratio=5.0, median_ratio=4.0, clip=True)
+    assert set(verdict.rejected) == {1} and "NaN" in verdict.rejected[1] and not verdict.clipped
+
+
+def test_with_two_heads_only_the_weight_bound_applies():
+    weights, deltas = _round([40.0, 400.0])  # 400 < 5 x 100: no median of two says which is wrong
+    assert robust.screen(weights, deltas, [{}] * 2, max_ratio=5.0, median_ratio=4.0).rejected == {}
+    weights, deltas = _round([40.0, 600.0])
+    assert set(robust.screen(weights, deltas, [{}] * 2, max_ratio=5.0, median_ratio=4.0).rejected) == {1}
+
+
+def test_replica_changes_are_bounded_too():
+    weights, deltas = _round([50.0, 50.0, 50.0])
+    weights["norm.bias"] = torch.zeros(16)  # starts at zero: its bound uses sqrt(numel) = 4
+    ok = [{"norm.bias": torch.full((16,), 0.01 * (i + 1))} for i in range(3)]
+    assert robust.screen(weights, deltas, ok, 5.0, 4.0).rejected == {}
+    huge = ok[:2] + [{"norm.bias": torch.full((16,), 1e30)}]
+    verdict = robust.screen(weights, deltas, huge, 5.0, 4.0)
+    assert set(verdict.rejected) == {2} and "replica change" in verdict.rejected[2]
+    far = ok[:2] + [{"norm.bias": torch.full((16,), 1.0)}]  # |change| 4 < 5 x 4, but 20x the median peer
+    verdict = robust.screen(weights, deltas, far, 5.0, 4.0, clip=True)
+    assert set(verdict.clipped) == {2}
+    moved = robust.clip_replicas(far[2], weights, verdict.replica_scales[2])["norm.bias"]
+    assert float(moved.norm()) == pytest.approx(4.0 * float(ok[1]["norm.bias"].norm()), rel=1e-4)
+
+
+def _poison(model):
+    with torch.no_grad():
+        for layer in lte_layers(model).values():
+            layer.lora_B.mul_(-10.0)
+
+
+@pytest.mark.parametrize("outliers", ["reject", "clip"])
+def test_a_poisoned_head_among_honest_ones(tiny_cfg, outliers):
+    cfg = tiny_cfg(**{"lte.heads": 4, "lte.quant": "none", "ray.outliers": outliers, "ray.max_median_ratio": 4.0})
+    data = load_data(cfg.data, cfg.model)
+    master = MasterWeights(cfg, data)
+    heads = [Head(cfg, i, data, "cpu") for i in range(4)]
+    for r in range(3):
+        heads[3].tamper = _poison if r == 2 else None  # once the factors are non-zero
+        payload = master.broadcast(full=r == 0)
+        results = [h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads]
+        accepted, rejected = master.accept(results)
+        master.merge(accepted)
+    if outliers == "reject":
+        assert list(rejected) == [3] and len(accepted) == 3
+        assert master.store.base_round(3) is None  # it sends everything next time
+    else:
+        assert not rejected and [d.result.head_id for d in accepted if d.clipped] == [3]
+        assert master.store.base_round(3) == 2  # the store holds what the head holds, clipped or not
+    assert all(torch.isfinite(v).all() for v in master.state.values())
+
+
+def test_a_head_whose_factors_went_nan_recovers_when_restarted_fresh(tiny_cfg):
+    cfg = tiny_cfg(**{"lte.quant": "none"})
+    data = load_data(cfg.data, cfg.model)
+    master = MasterWeights(cfg, data)
+
+    def nan(model):
+        with torch.no_grad():
+            next(iter(lte_layers(model).values())).lora_B.fill_(float("nan"))
+
+    def finite(result) -> bool:
+        return all(torch.isfinite(e.data.float()).all() for e in result.upload.b.values())
+
+    for fresh, recovers in ((False, False), (True, True)):
+        head = Head(cfg, 0, data, "cpu")
+        head.train_round(0, master.broadcast(full=True))
+        head.tamper = nan
+        assert not finite(head.train_round(1, master.broadcast()))  # the coordinator rejects this one
+        head.tamper = None
+        again = head.train_round(2, master.broadcast(), None, fresh=fresh)
+        assert finite(again) == recovers
+        if recovers:
+            assert master.problem(again) is None and not again.upload.relative
