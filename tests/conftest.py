@@ -48,3 +48,17 @@ def ray_cfg(tiny_cfg):
         return tiny_cfg(**{"ray.cpus_per_head": 0.5, "ray.start_grace_s": 600, **overrides})
 
     return make
+
+
+@pytest.fixture
+def mlflow_http_env():
+    """The process-wide MLflow HTTP settings a Tracker sets (`tracking.HTTP_ENV`), put back afterwards."""
+    from lte_ray.tracking import HTTP_ENV
+
+    saved = {k: os.environ.get(k) for k in HTTP_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

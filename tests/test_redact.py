@@ -2,7 +2,6 @@
 in config.yaml, summary.json, metrics.jsonl or the MLflow params; `--resume` asks for them again."""
 
 import json
-import os
 import socket
 
 import pytest
@@ -58,18 +57,6 @@ def test_redacted_config_masks_the_uri_fields_and_leaves_its_input_alone(tiny_cf
     assert masked_fields(shown) == ["tracking.mlflow_uri", "ray.address"] and masked_fields(cfg) == []
 
 
-@pytest.fixture
-def http_env():
-    """The process-wide MLflow HTTP settings a Tracker sets, put back afterwards."""
-    saved = {k: os.environ.get(k) for k in tracking.HTTP_ENV}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,7 +68,7 @@ def stored_texts(out) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_a_train_run_never_prints_or_stores_credentials(tmp_path, capsys, caplog, monkeypatch, http_env):
+def test_a_train_run_never_prints_or_stores_credentials(tmp_path, capsys, caplog, monkeypatch, mlflow_http_env):
     monkeypatch.setattr(tracking, "FLUSH_TIMEOUT_S", 0.5)  # nothing answers there: do not wait long at the end
     uri = f"http://user:hunter2@127.0.0.1:{free_port()}/?token=s3cret"
     out = tmp_path / "run"
@@ -97,7 +84,7 @@ def test_a_train_run_never_prints_or_stores_credentials(tmp_path, capsys, caplog
 
 
 @pytest.mark.timeout(300)
-def test_the_mlflow_params_hold_no_credentials(tmp_path, http_env):
+def test_the_mlflow_params_hold_no_credentials(tmp_path, mlflow_http_env):
     out = tmp_path / "run"
     assert cli.main(["train", "--backend", "local", "--quiet", "--rounds", "1", "--output", str(out),
                      "--address", RAY_ADDRESS, *TINY]) == 0

@@ -38,17 +38,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def quick_retries(monkeypatch):
-    """Backoff in milliseconds, and the process-wide MLflow HTTP settings the tracker sets put back."""
+def quick_retries(monkeypatch, mlflow_http_env):
+    """Backoff in milliseconds; the process-wide MLflow HTTP settings the tracker sets are put back."""
     monkeypatch.setattr(tracking_writer, "RETRY_FIRST_S", 0.01)
     monkeypatch.setattr(tracking_writer, "RETRY_MAX_S", 0.05)
-    saved = {k: os.environ.get(k) for k in HTTP_ENV}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 class Outage:
