@@ -137,17 +137,17 @@ class RayConfig(_Section):
     max_heads: int | None = Field(None, ge=1)  # cap on heads incl. joiners (default: twice lte.heads, `head_cap`)
     round_timeout_s: float = Field(600.0, gt=0)  # the hard deadline: later results are discarded (staleness 0)
     # Once min_heads results are in and half the heads arrived, wait at most this x their median
-    # arrival time (+2 s), then merge without the rest. None (the default): wait for every head, up
-    # to round_timeout_s; on a loaded 2-core machine 3x dropped honest heads now and then.
-    straggler_grace: float | None = Field(None, ge=1)
+    # arrival time (+0.5 s; a head's first round is waited for), then merge without the rest.
+    # None: wait for every head, up to round_timeout_s.
+    straggler_grace: float | None = Field(2.0, ge=1)
     max_late_rounds: int = Field(3, ge=1)  # a head late this many rounds in a row is replaced
     max_start_failures: int = Field(3, ge=0)  # heads that fail to start mid-run before no more are tried
     start_grace_s: float = Field(30.0, ge=0)  # at start, how long to wait for heads beyond the quorum
     checkpoint_every: int = Field(1, ge=1)  # rounds
     max_delta_ratio: float | None = Field(5.0, gt=0)  # bound a head's |D|_F by ratio * |W|_F
-    # ... and by ratio x the round's median head (>= 3 heads). Off by default: a fresh head (a joiner,
-    # a replacement) uploads a far larger delta than settled ones in its first rounds and would be refused.
-    max_median_ratio: float | None = Field(None, gt=1)
+    # ... and by ratio x the round's median head (>= 3 heads); a young head (new, or restarted fresh)
+    # over it is clipped, not refused (`core.robust`). None: off.
+    max_median_ratio: float | None = Field(4.0, gt=1)
     outliers: Literal["reject", "clip"] = "reject"  # a head over a bound: left out, or clipped to it
     max_coordinator_restarts: int = Field(3, ge=0)  # the driver restarts a dead coordinator from its checkpoint
     max_failed_rounds: int = Field(10, ge=1)  # rounds in a row without quorum before giving up

@@ -23,7 +23,7 @@ def _coordinator(name: str):
 def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
     """A head poisoning every upload, a head whose factors go NaN, a client without the join
     secret, one reusing a head id, and a second run() call."""
-    cfg = ray_cfg(**{"lte.heads": 4, "train.rounds": 30, "lte.quant": "none", "ray.max_median_ratio": 4.0})
+    cfg = ray_cfg(**{"lte.heads": 4, "train.rounds": 30, "lte.quant": "none"})
     name, seen = _name(), {}
 
     def on_round(rec):
@@ -49,17 +49,19 @@ def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
     assert "entered once" in seen["second_run"]
     print(f"\n{result.counters}")
     after = result.history[8:]  # the faults start a few rounds after 2 (rounds are in flight when the driver sees it)
-    assert not any(seen["poisoner"] in r.head_losses for r in after)  # never merged again
+    # Never merged as sent: rejected while settled; once its factors overflow it restarts fresh, and
+    # a young head's upload over the median bound is clipped to it (a bounded vote, `core.robust`).
+    poisoned_merges = sum(seen["poisoner"] in r.head_losses for r in after)
+    assert poisoned_merges <= result.counters.heads_clipped
     assert seen["diverged"] in result.history[-1].head_losses  # restarted fresh, it takes part again
-    assert result.counters.heads_rejected >= len(after) + 1
-    assert result.counters.heads_reset == result.counters.heads_rejected
+    assert result.counters.heads_rejected >= len(after) - poisoned_merges + 1
+    assert 1 <= result.counters.heads_reset < result.counters.heads_rejected  # bound rejections keep their factors
     assert all(torch.isfinite(v).all() for v in result.state.values() if v.is_floating_point())
     assert (tmp_path / "join-secret").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_straggler_does_not_stall_the_rounds_and_is_replaced(ray_cluster, ray_cfg, tmp_path):
-    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 80, "lte.quant": "none", "ray.straggler_grace": 2.0,
-                     "ray.max_late_rounds": 2})
+    cfg = ray_cfg(**{"lte.heads": 3, "train.rounds": 200, "lte.quant": "none", "ray.max_late_rounds": 2})
     name, slowed = _name(), {}
 
     def on_round(rec):
@@ -71,12 +73,13 @@ def test_a_straggler_does_not_stall_the_rounds_and_is_replaced(ray_cluster, ray_
 
     result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
     took = time.monotonic() - slowed["t"]
-    print(f"\n78 rounds with a 100x straggler: {took:.1f} s; {result.counters}")
-    assert result.rounds == 80 and result.counters.late_results >= 2
+    print(f"\n198 rounds with a 100x straggler: {took:.1f} s; {result.counters}")
+    assert result.rounds == 200 and result.counters.late_results >= 2
     assert result.counters.heads_replaced_late == 1  # late twice in a row: replaced by a normal head
     assert slowed["head"] not in result.history[-1].head_losses
     assert any(len(r.head_losses) == 3 for r in result.history[-15:])  # the replacement takes part
-    assert took < 60  # waiting for the straggler in every round would take 78 x 5 s
+    assert took < 60  # waiting for the straggler in every round would take 198 x 5 s
+    assert cfg.ray.straggler_grace == 2.0  # the default
 
 
 def test_a_killed_coordinator_is_restarted_from_its_checkpoint(ray_cluster, ray_cfg, tmp_path):

@@ -35,6 +35,18 @@ def test_a_head_far_above_its_peers_is_rejected_though_within_the_weight_bound()
     assert robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=None).rejected == {}
 
 
+def test_a_fresh_head_over_the_median_bound_is_clipped_not_refused():
+    """A fresh head's first deltas are far larger than settled heads' (see `core.robust`): refusing
+    it would refuse it for good. Over the bound relative to |W| it is rejected like anyone."""
+    weights, deltas = _round([45.0, 50.0, 55.0, 490.0])
+    verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0, fresh={3})
+    assert verdict.rejected == {} and set(verdict.clipped) == {3} and "a fresh head" in verdict.clipped[3]
+    assert verdict.delta_scales[3]["w"] == pytest.approx(4.0 * 50.0 / 490.0)
+    weights, deltas = _round([45.0, 50.0, 55.0, 600.0])  # over 5 x |W| = 500
+    verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0, fresh={3})
+    assert set(verdict.rejected) == {3} and not verdict.clipped and not verdict.non_finite
+
+
 def test_clipping_scales_an_outlier_down_to_the_bound():
     weights, deltas = _round([45.0, 50.0, 55.0, 490.0])
     verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0, clip=True)
@@ -49,6 +61,7 @@ def test_non_finite_updates_are_rejected_even_when_clipping():
     deltas[1]["w"][0][0, 0] = float("nan")
     verdict = robust.screen(weights, deltas, [{}] * 3, max_ratio=5.0, median_ratio=4.0, clip=True)
     assert set(verdict.rejected) == {1} and "NaN" in verdict.rejected[1] and not verdict.clipped
+    assert verdict.non_finite == {1}  # its factors cannot be trusted: the coordinator restarts it fresh
 
 
 def test_with_two_heads_only_the_weight_bound_applies():
@@ -89,7 +102,7 @@ def test_a_poisoned_head_among_honest_ones(tiny_cfg, outliers):
         heads[3].tamper = _poison if r == 2 else None  # once the factors are non-zero
         payload = master.broadcast(full=r == 0)
         results = [h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads]
-        accepted, rejected = master.accept(results)
+        accepted, rejected, _ = master.accept(results)
         master.merge(accepted)
     if outliers == "reject":
         assert list(rejected) == [3] and len(accepted) == 3

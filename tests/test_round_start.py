@@ -41,7 +41,7 @@ def test_head_starts_every_round_at_the_merged_model(tiny_cfg, q, keep, replicas
         results = [h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads]
         # after local training the heads have moved away from the merged model
         assert (_outputs(heads[0].model, x) - expected).abs().max().item() > 1e-4
-        accepted, rejected = master.accept(results)
+        accepted, rejected, _ = master.accept(results)
         assert not rejected and (r == 0 or all(x.upload.relative for x in results))  # rank r from round 2
         master.merge(accepted)
 
@@ -77,7 +77,7 @@ def test_reset_mode_reinitializes_factors_each_round(tiny_cfg):
     master = MasterWeights(cfg, data)
     head = Head(cfg, 0, data, "cpu")
     res = head.train_round(0, master.broadcast(full=True))
-    master.merge(master.accept([res])[0])
+    master.merge(master.accept([res]).accepted)
     head.receive(master.broadcast())
     for layer in lte_layers(head.model).values():
         assert torch.count_nonzero(layer.lora_B) == 0

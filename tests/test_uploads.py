@@ -28,7 +28,7 @@ def _round(master, heads, r, bases=None):
     results = [h.train_round(r, payload, master.store.base_round(h.head_id) if bases is None else bases[h.head_id])
                for h in heads]
     assert all(master.problem(x) is None for x in results), [master.problem(x) for x in results]
-    accepted, rejected = master.accept(results)
+    accepted, rejected, _ = master.accept(results)
     assert not rejected
     master.merge(accepted)
     return results
@@ -87,7 +87,7 @@ def test_a_head_back_from_a_missed_round_sends_everything_once(tiny_cfg):
     # round 1: head 1's result is lost on the way (late): the coordinator keeps round 0's factors
     payload = master.broadcast()
     results = [h.train_round(1, payload, master.store.base_round(h.head_id)) for h in heads]
-    accepted, _ = master.accept(results[:1])
+    accepted = master.accept(results[:1]).accepted
     master.merge(accepted)
     assert master.store.base_round(1) == 0
     again = _round(master, heads, 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,14 @@ class Decoded:
     pairs: dict[str, Pair]
     deltas: Factors
     clipped: str | None = None  # what robust aggregation clipped (`ray.outliers=clip`), if anything
+
+
+class Accepted(NamedTuple):
+    """A round's screened uploads."""
+
+    accepted: list[Decoded]
+    rejected: dict[int, str]  # head id -> why
+    non_finite: set[int]  # head ids rejected for NaN/Inf: their factors cannot be trusted any more
 
 
 class MasterWeights:
@@ -73,11 +82,11 @@ class MasterWeights:
                         self.store.base_round(result.head_id))
                 or merge.replica_problem(result.replicas, self.state, self.quant_keys))
 
-    def accept(self, results: list[HeadResult]) -> tuple[list[Decoded], dict[int, str]]:
+    def accept(self, results: list[HeadResult], fresh: set[int] | frozenset[int] = frozenset()) -> Accepted:
         """Read checked results back and screen them (`core.robust`: bounds relative to the weights
-        and to the round's median head); the accepted ones (clipped where `ray.outliers=clip`) have
-        their factors kept for the heads' next uploads. Returns the accepted ones and, by head id,
-        why the others were rejected."""
+        and to the round's median head; `fresh`: ids of fresh heads, clipped rather than rejected
+        over the median bound); the accepted ones (clipped where so) have their factors kept for
+        the heads' next uploads."""
         decoded = []
         for r in results:
             pairs, deltas = self.store.read(r.head_id, r.upload)  # kept on the CPU; the deltas go where W is
@@ -85,7 +94,8 @@ class MasterWeights:
             decoded.append(Decoded(r, pairs, on_device))
         ray_cfg = self.cfg.ray
         verdict = robust.screen(self.state, [d.deltas for d in decoded], [d.result.replicas for d in decoded],
-                                ray_cfg.max_delta_ratio, ray_cfg.max_median_ratio, clip=ray_cfg.outliers == "clip")
+                                ray_cfg.max_delta_ratio, ray_cfg.max_median_ratio, clip=ray_cfg.outliers == "clip",
+                                fresh={i for i, d in enumerate(decoded) if d.result.head_id in fresh})
         for i, d in enumerate(decoded):
             if i in verdict.rejected:
                 self.store.forget(d.result.head_id)  # its next upload sends everything again
@@ -97,8 +107,9 @@ class MasterWeights:
                 d.deltas = robust.clip_delta(d.deltas, verdict.delta_scales.get(i, {}))
                 d.result.replicas = robust.clip_replicas(d.result.replicas, self.state,
                                                          verdict.replica_scales.get(i, {}))
-        accepted = [d for i, d in enumerate(decoded) if i not in verdict.rejected]
-        return accepted, {decoded[i].result.head_id: why for i, why in verdict.rejected.items()}
+        return Accepted([d for i, d in enumerate(decoded) if i not in verdict.rejected],
+                        {decoded[i].result.head_id: why for i, why in verdict.rejected.items()},
+                        {decoded[i].result.head_id for i in verdict.non_finite})
 
     def merge(self, accepted: list[Decoded]) -> None:
         self.state = merge.merge_round(self.state, [d.deltas for d in accepted], [d.result.replicas for d in accepted])

@@ -30,7 +30,7 @@ def run_heads(cfg: Config, data: DataBundle, on_round: RoundCallback | None = No
         t_quant = time.perf_counter() - t0
         results = [h.train_round(r, broadcast, master.store.base_round(h.head_id)) for h in heads]
         t1 = time.perf_counter()
-        accepted, rejected = master.accept(results)
+        accepted, rejected, _ = master.accept(results)
         if not accepted:
             raise RuntimeError(f"round {r + 1}: every head's delta is over ray.max_delta_ratio: {rejected}")
         master.merge(accepted)

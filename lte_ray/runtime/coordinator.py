@@ -210,11 +210,17 @@ class Coordinator:
         self.counters.bytes_down += bytes_down
         results = sorted(got.results, key=lambda x: x.head_id)  # a fixed summation order: reproducible merges
         t1 = time.perf_counter()
-        accepted, over = self.master.accept(results)  # decode, screen (`core.robust`)
         by_id = {m.head_id: m for m in active}
+        # decode, screen (`core.robust`); young heads are clipped rather than refused over the median bound
+        accepted, over, non_finite = self.master.accept(results, fresh={i for i, m in by_id.items() if m.young})
         for head_id, why in over.items():
-            reject(by_id[head_id], why, r, self.members, self.master)
+            if head_id in non_finite:  # its factors cannot be trusted: it restarts from fresh ones
+                reject(by_id[head_id], why, r, self.members, self.master)
+            else:  # over a bound: left out of this round, factors kept (it sends them all next time)
+                log.warning("round %d: rejected head %d: %s", r + 1, head_id, why)
         for d in accepted:
+            m = by_id[d.result.head_id]
+            m.young = m.young and bool(d.clipped)  # young until an upload within the bounds
             if d.clipped:
                 log.warning("round %d: clipped head %d: %s", r + 1, d.result.head_id, d.clipped)
                 self.counters.heads_clipped += 1

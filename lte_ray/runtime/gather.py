@@ -3,9 +3,10 @@ stragglers' grace ran out, or the hard deadline passed.
 
 Grace: once `ray.min_heads` results are in and half the round's heads have arrived (so the median
 head time of the round is known), the round waits until `ray.straggler_grace` x that median (plus
-two seconds) after dispatch, then merges without the rest. Times are from dispatch to arrival,
-as the coordinator saw them (a head cannot claim to be fast). `round_timeout_s` stays the
-hard deadline. A result that arrives later is discarded (staleness 0) and its head sits out until
+`GRACE_FLOOR_S`) after dispatch, then merges without the rest. Times are from dispatch to arrival,
+as the coordinator saw them (a head cannot claim to be fast). A head's first round is waited for
+(up to the hard deadline): it starts its data loading and its first kernels, and a new joiner is
+not a straggler. `round_timeout_s` stays the hard deadline. A result that arrives later is discarded (staleness 0) and its head sits out until
 its late task ends.
 
 Nothing a head sends can raise here: a result that is not this head's for this round, has
@@ -29,7 +30,7 @@ from lte_ray.core.protocol import HeadResult
 from lte_ray.runtime.membership import Member, Membership
 
 log = logging.getLogger("lte_ray.coordinator")
-GRACE_FLOOR_S = 2.0  # added to the grace: short rounds are not decided by scheduling jitter
+GRACE_FLOOR_S = 0.5  # added to the grace: short rounds are not decided by scheduling jitter
 
 
 @dataclass
@@ -41,13 +42,15 @@ class Gathered:
     collect_seconds: float = 0.0  # checking the last arrival: on the round's critical path
 
 
-def deadline_after(dispatched: float, arrivals: list[float], heads: int, hard: float, cfg: Config) -> float:
+def deadline_after(dispatched: float, arrivals: list[float], heads: int, hard: float, cfg: Config,
+                   first_rounds_pending: bool = False) -> float:
     """When the round stops waiting, given the arrival times (seconds after dispatch) of the valid
     results so far out of `heads` dispatched: the hard deadline until a quorum is in and the round's
-    median head time is known (half the heads have arrived), then grace x that median."""
+    median head time is known (half the heads have arrived) and no head's first round is still
+    running, then grace x that median."""
     grace = cfg.ray.straggler_grace
     median_at = (heads - 1) // 2  # the lower median of all the round's heads, known once it has arrived
-    if grace is None or len(arrivals) < max(cfg.ray.min_heads, median_at + 1):
+    if grace is None or first_rounds_pending or len(arrivals) < max(cfg.ray.min_heads, median_at + 1):
         return hard
     return min(hard, dispatched + grace * sorted(arrivals)[median_at] + GRACE_FLOOR_S)
 
@@ -59,7 +62,9 @@ def gather(futures: dict[Any, Member], members: Membership, master: MasterWeight
     dispatched = time.monotonic()
     hard = dispatched + cfg.ray.round_timeout_s
     arrivals: list[float] = []
-    while out.late and (left := deadline_after(dispatched, arrivals, len(futures), hard, cfg) - time.monotonic()) > 0:
+    firsts = {f for f, m in futures.items() if not m.initialized}
+    while out.late and (left := deadline_after(dispatched, arrivals, len(futures), hard, cfg,
+                                               bool(firsts.intersection(out.late))) - time.monotonic()) > 0:
         ready, out.late = ray.wait(out.late, num_returns=1, timeout=left)
         t_arrived = time.perf_counter()
         for f in ready:
@@ -98,9 +103,9 @@ def _receive(ref: Any, m: Member, members: Membership, master: MasterWeights, ro
 
 
 def reject(m: Member, why: str, round_idx: int, members: Membership, master: MasterWeights) -> None:
-    """`m`'s upload is left out of round `round_idx` (0-based): it resends everything next time,
-    from fresh factors."""
+    """`m`'s upload cannot be trusted and is left out of round `round_idx` (0-based): it resends
+    everything next time, from fresh factors."""
     log.warning("round %d: rejected head %d: %s", round_idx + 1, m.head_id, why)
     master.store.forget(m.head_id)
-    m.reset_next = True
+    m.reset_next = m.young = True
     members.counters.heads_reset += 1

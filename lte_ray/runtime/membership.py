@@ -42,6 +42,9 @@ class Member:
     initialized: bool = False  # has it completed a round (and so holds the full state)?
     late_streak: int = 0  # rounds in a row it missed the deadline
     reset_next: bool = False  # its last upload was rejected: it starts the next round from fresh factors
+    # New to the run, or restarted fresh, and not yet within the median bound (`core.robust`):
+    # over it, its upload is clipped rather than refused.
+    young: bool = True
 
     @property
     def active(self) -> bool:
