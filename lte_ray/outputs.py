@@ -37,19 +37,22 @@ class RunOutput:
         except OSError as e:
             raise UserError(f"output: cannot write to {str(self.dir)!r}: {e.strerror or e}") from None
 
-    def truncate_after(self, round_: int) -> None:
-        """Drop records of rounds after `round_` (not in the checkpoint; they will be redone)."""
+    def truncate_after(self, round_: int) -> int:
+        """Drop records of rounds after `round_` (not in the checkpoint; they will be redone).
+        Returns the last round kept: a killed driver may not have written every checkpointed round."""
         self._metrics.close()
         path = self.dir / "metrics.jsonl"
-        keep = []
+        keep, last = [], 0
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line)["round"] <= round_:
+                if (r := json.loads(line)["round"]) <= round_:
                     keep.append(line)
+                    last = max(last, r)
             except (ValueError, KeyError):  # a line cut short when the driver was killed
                 continue
         path.write_text("".join(line + "\n" for line in keep))
         self._metrics = open(path, "a")
+        return last
 
     def record(self, rec: RoundRecord) -> None:
         """Append one round's record right away, so an interrupted run keeps its curve."""

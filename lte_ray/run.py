@@ -38,8 +38,9 @@ class Run:
             raise UserError("--resume: only --backend ray writes checkpoints")
         self.out = RunOutput(cfg, resume=resume)
         self.meta = checkpoint_meta(self.out.dir) if resume else None
+        self.recorded = 0  # rounds metrics.jsonl holds already (a resumed run's, up to its checkpoint)
         if self.meta:
-            self.out.truncate_after(self.meta["round"])  # rounds after the checkpoint will be trained again
+            self.recorded = self.out.truncate_after(self.meta["round"])  # later rounds will be trained again
         self.name = cfg.ray.run_name or self.out.dir.name
         self.tracker = Tracker(cfg, self.out.dir, self.name, run_id=self.meta and self.meta.get("mlflow_run_id"),
                                backend=self.backend) if tracking else None
@@ -73,7 +74,7 @@ class Run:
 
         return train(self.cfg, run_name=self.name, output_dir=str(self.out.dir), on_round=self.record,
                      mlflow_run_id=self.tracker.run_id if self.tracker else None, resume=self.meta is not None,
-                     address=address, placement_group=placement_group)
+                     address=address, placement_group=placement_group, shown_upto=self.recorded)
 
     def finish(self, result: RunResult) -> dict[str, Any]:
         """Write summary.json, the weights and the MLflow artifacts; returns the summary."""

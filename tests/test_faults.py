@@ -49,12 +49,9 @@ def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
     assert "entered once" in seen["second_run"]
     print(f"\n{result.counters}")
     after = result.history[8:]  # the faults start a few rounds after 2 (rounds are in flight when the driver sees it)
-    # Never merged as sent: rejected while settled; once its factors overflow it restarts fresh, and
-    # a young head's upload over the median bound is clipped to it (a bounded vote, `core.robust`).
-    poisoned_merges = sum(seen["poisoner"] in r.head_losses for r in after)
-    assert poisoned_merges <= result.counters.heads_clipped
+    assert not any(seen["poisoner"] in r.head_losses for r in after)  # never merged again
     assert seen["diverged"] in result.history[-1].head_losses  # restarted fresh, it takes part again
-    assert result.counters.heads_rejected >= len(after) - poisoned_merges + 1
+    assert result.counters.heads_rejected >= len(after) + 1
     assert 1 <= result.counters.heads_reset < result.counters.heads_rejected  # bound rejections keep their factors
     assert all(torch.isfinite(v).all() for v in result.state.values() if v.is_floating_point())
     assert (tmp_path / "join-secret").stat().st_mode & 0o777 == 0o600
@@ -83,19 +80,20 @@ def test_a_straggler_does_not_stall_the_rounds_and_is_replaced(ray_cluster, ray_
 
 
 def test_a_killed_coordinator_is_restarted_from_its_checkpoint(ray_cluster, ray_cfg, tmp_path):
-    cfg = ray_cfg(**{"lte.heads": 2, "train.rounds": 12, "lte.quant": "none"})
+    cfg = ray_cfg(**{"lte.heads": 2, "train.rounds": 40, "lte.quant": "none"})
     name, shown, killed = _name(), [], {}
 
     def on_round(rec):
-        shown.append(rec.round)
+        shown.append(rec)
         if rec.round == 4 and not killed:
             killed["round"] = rec.round
             ray.kill(_coordinator(name), no_restart=True)
 
     result = train(cfg, run_name=name, output_dir=str(tmp_path), on_round=on_round)
-    assert killed and result.rounds == 12 and result.counters.coordinator_restarts == 1
-    assert shown == list(range(1, 13))  # every merged round shown once: none lost, none twice
-    assert result.samples_seen == 12 * cfg.samples_per_round
+    assert killed and result.rounds == 40 and result.counters.coordinator_restarts == 1
+    assert [r.round for r in shown] == list(range(1, 41))  # every merged round shown once: none lost, none twice
+    per_head = cfg.samples_per_round // cfg.lte.heads  # counted once per merged head result
+    assert result.samples_seen == sum(r.active_heads for r in shown) * per_head
 
 
 @pytest.mark.parametrize("cap", [None, 3])

@@ -196,9 +196,11 @@ def test_resume_after_killing_driver_and_coordinator(ray_cluster, tmp_path):
     assert main(["train", "--quiet", "--resume", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == rounds
-    samples_per_round = 4 * 10 * 32
-    assert summary["samples_seen"] == rounds * samples_per_round  # no round lost or repeated
-    logged = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # no round lost or counted twice (a head late for the straggler grace adds nothing to its round)
+    assert summary["samples_seen"] == sum(r["active_heads"] for r in records) * 10 * 32
+    assert sum(r["active_heads"] for r in records) >= 0.9 * 4 * rounds
+    logged = [r["round"] for r in records]
     assert len(logged) == len(set(logged)) and logged == sorted(logged) and logged[-1] == rounds
     assert killed_at + 1 in logged
 

@@ -31,20 +31,42 @@ def test_a_head_far_above_its_peers_is_rejected_though_within_the_weight_bound()
     weights, deltas = _round([45.0, 50.0, 55.0, 490.0])
     assert merge.over_bound(weights, deltas, 5.0) == {}  # the old check let it through
     verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0)
-    assert set(verdict.rejected) == {3} and "over this round's bound" in verdict.rejected[3]
+    assert set(verdict.rejected) == {3} and "9.8x the median head's" in verdict.rejected[3]
     assert robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=None).rejected == {}
 
 
-def test_a_fresh_head_over_the_median_bound_is_clipped_not_refused():
-    """A fresh head's first deltas are far larger than settled heads' (see `core.robust`): refusing
-    it would refuse it for good. Over the bound relative to |W| it is rejected like anyone."""
+def test_a_young_head_over_the_median_bound_is_clipped_to_the_median_not_refused():
+    """A fresh optimizer's first deltas are far larger than settled heads' (see `core.robust`):
+    refusing a young head would refuse an honest joiner; clipped to the median, a poisoner among
+    the young has no more say than a typical head. Over the bound relative to |W| it is rejected."""
     weights, deltas = _round([45.0, 50.0, 55.0, 490.0])
     verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0, fresh={3})
-    assert verdict.rejected == {} and set(verdict.clipped) == {3} and "a fresh head" in verdict.clipped[3]
-    assert verdict.delta_scales[3]["w"] == pytest.approx(4.0 * 50.0 / 490.0)
+    assert verdict.rejected == {} and set(verdict.clipped) == {3} and "a young head" in verdict.clipped[3]
+    assert verdict.delta_scales[3]["w"] == pytest.approx(50.0 / 490.0)
     weights, deltas = _round([45.0, 50.0, 55.0, 600.0])  # over 5 x |W| = 500
     verdict = robust.screen(weights, deltas, [{}] * 4, max_ratio=5.0, median_ratio=4.0, fresh={3})
     assert set(verdict.rejected) == {3} and not verdict.clipped and not verdict.non_finite
+
+
+def test_with_two_heads_the_recent_rounds_give_the_median():
+    weights, deltas = _round([50.0, 400.0])  # alone, two heads have no median that says which is wrong
+    assert robust.screen(weights, deltas, [{}] * 2, max_ratio=5.0, median_ratio=4.0).rejected == {}
+    recent = {"delta": [45.0, 48.0, 52.0, 55.0]}  # heads accepted in the last rounds
+    verdict = robust.screen(weights, deltas, [{}] * 2, max_ratio=5.0, median_ratio=4.0, recent=recent)
+    assert set(verdict.rejected) == {1} and verdict.totals["delta"][1] == pytest.approx(400.0)
+
+
+def test_the_master_keeps_the_accepted_heads_norms_for_the_next_rounds(tiny_cfg):
+    cfg = tiny_cfg(**{"lte.heads": 3, "lte.quant": "none", "ray.max_median_ratio": 4.0})
+    data = load_data(cfg.data, cfg.model)
+    master = MasterWeights(cfg, data)
+    heads = [Head(cfg, i, data, "cpu") for i in range(3)]
+    for r in range(robust.RECENT_ROUNDS + 1):
+        payload = master.broadcast(full=r == 0)
+        master.merge(master.accept([h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads])
+                     .accepted)
+    kept = master.recent_norms["delta"]
+    assert len(kept) == robust.RECENT_ROUNDS and all(len(x) == 3 and min(x) > 0 for x in kept)
 
 
 def test_clipping_scales_an_outlier_down_to_the_bound():

@@ -9,6 +9,8 @@ the merge and the broadcast's quantization run there.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +58,8 @@ class MasterWeights:
         self.state: dict[str, torch.Tensor] = _fp32(model.state_dict(), self.device)
         self.shapes = {k: (self.state[k].shape[0], self.state[k].shape[1]) for k in self.quant_keys}
         self.store = FactorStore(cfg.lte.scaling, cfg.lte.mode == "resetless")
+        # Whole-head norms of the heads accepted in the last rounds, by kind: part of the median bound's reference.
+        self.recent_norms: dict[str, deque[list[float]]] = {}
         self.eval_model = model.to(self.device)
 
     def broadcast(self, full: bool = False) -> Broadcast:
@@ -93,9 +97,14 @@ class MasterWeights:
             on_device = {k: (u.to(self.device), v.to(self.device)) for k, (u, v) in deltas.items()}
             decoded.append(Decoded(r, pairs, on_device))
         ray_cfg = self.cfg.ray
+        recent = {kind: [t for past in rounds for t in past] for kind, rounds in self.recent_norms.items()}
         verdict = robust.screen(self.state, [d.deltas for d in decoded], [d.result.replicas for d in decoded],
                                 ray_cfg.max_delta_ratio, ray_cfg.max_median_ratio, clip=ray_cfg.outliers == "clip",
-                                fresh={i for i, d in enumerate(decoded) if d.result.head_id in fresh})
+                                fresh={i for i, d in enumerate(decoded) if d.result.head_id in fresh}, recent=recent)
+        for kind, totals in verdict.totals.items():  # the next rounds' median takes the heads accepted now
+            self.recent_norms.setdefault(kind, deque(maxlen=robust.RECENT_ROUNDS)).append(
+                [t for i, t in totals.items() if i not in verdict.rejected and i not in verdict.clipped
+                 and math.isfinite(t)])
         for i, d in enumerate(decoded):
             if i in verdict.rejected:
                 self.store.forget(d.result.head_id)  # its next upload sends everything again

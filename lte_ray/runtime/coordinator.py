@@ -45,7 +45,9 @@ from lte_ray.runtime.where import coordinator_device, output_problem
 from lte_ray.runtime.worker import torch_threads
 
 log = logging.getLogger("lte_ray.coordinator")
-RECENT_RECORDS = 8  # records a checkpoint carries, for a driver that had not received them yet
+# Records a checkpoint carries, for a driver that had not received them yet (it polls every
+# `launch.POLL_S`; short rounds checkpoint several in that time).
+RECENT_RECORDS = 32
 
 
 class Coordinator:
@@ -171,6 +173,9 @@ class Coordinator:
                     failed += 1
                     if failed > cfg.ray.max_failed_rounds:
                         raise RuntimeError(f"no quorum of {cfg.ray.min_heads} valid results for {failed} rounds")
+                    # Until a head that is starting (a replacement) or finishing a late task is back:
+                    # rounds of the same heads would fail the same way.
+                    self.members.wait(1, cfg.ray.round_timeout_s)
             self._start_tail()
             self.tail.drain()
             if self.round % cfg.ray.checkpoint_every or self.checkpoint_owed:
@@ -219,8 +224,7 @@ class Coordinator:
             else:  # over a bound: left out of this round, factors kept (it sends them all next time)
                 log.warning("round %d: rejected head %d: %s", r + 1, head_id, why)
         for d in accepted:
-            m = by_id[d.result.head_id]
-            m.young = m.young and bool(d.clipped)  # young until an upload within the bounds
+            by_id[d.result.head_id].young_rounds += 1
             if d.clipped:
                 log.warning("round %d: clipped head %d: %s", r + 1, d.result.head_id, d.clipped)
                 self.counters.heads_clipped += 1

@@ -6,8 +6,8 @@ head time of the round is known), the round waits until `ray.straggler_grace` x 
 `GRACE_FLOOR_S`) after dispatch, then merges without the rest. Times are from dispatch to arrival,
 as the coordinator saw them (a head cannot claim to be fast). A head's first round is waited for
 (up to the hard deadline): it starts its data loading and its first kernels, and a new joiner is
-not a straggler. `round_timeout_s` stays the hard deadline. A result that arrives later is discarded (staleness 0) and its head sits out until
-its late task ends.
+not a straggler. `round_timeout_s` stays the hard deadline. A result that arrives later is
+discarded (staleness 0) and its head sits out until its late task ends.
 
 Nothing a head sends can raise here: a result that is not this head's for this round, has
 non-numeric loss/samples/seconds, or fails the structural check (`MasterWeights.problem`) is
@@ -27,7 +27,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from lte_ray.config import Config
 from lte_ray.core.master import MasterWeights
 from lte_ray.core.protocol import HeadResult
-from lte_ray.runtime.membership import Member, Membership
+from lte_ray.runtime.membership import YOUNG_ROUNDS, Member, Membership
 
 log = logging.getLogger("lte_ray.coordinator")
 GRACE_FLOOR_S = 0.5  # added to the grace: short rounds are not decided by scheduling jitter
@@ -107,5 +107,6 @@ def reject(m: Member, why: str, round_idx: int, members: Membership, master: Mas
     everything next time, from fresh factors."""
     log.warning("round %d: rejected head %d: %s", round_idx + 1, m.head_id, why)
     master.store.forget(m.head_id)
-    m.reset_next = m.young = True
+    m.reset_next = True
+    m.young_rounds = YOUNG_ROUNDS  # a head that sent NaN or garbage is not given a young head's leeway
     members.counters.heads_reset += 1

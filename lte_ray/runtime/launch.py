@@ -87,15 +87,17 @@ def _named_actor_exists(name: str, namespace: str) -> bool:
 
 def train(cfg: Config, *, run_name: str, output_dir: str, on_round: RoundCallback | None = None,
           mlflow_run_id: str | None = None, resume: bool = False, address: str | None = None,
-          placement_group: Any = None) -> RunResult:
+          placement_group: Any = None, shown_upto: int | None = None) -> RunResult:
     """Run `cfg` (a resolved config) on Ray. With `placement_group` (a Tune trial's), the
     coordinator takes its first bundle and every head is scheduled inside it. A coordinator that
     dies is restarted from its checkpoint, up to `ray.max_coordinator_restarts` times; rounds the
-    caller has seen are not shown again."""
+    caller has seen are not shown again. `shown_upto`: with `resume`, the last round the caller
+    has (default: the checkpoint's); later ones the checkpoint carries are shown."""
     run_cfg = get_method(cfg.method).lte_config(cfg)  # the LoRA baselines are LTE special cases (one head)
     started_local = connect(cfg, address)
     output = os.path.abspath(output_dir)
-    shown = {"round": checkpoint_round(output) if resume else 0}  # the caller has every round up to this one
+    # the caller has every round up to this one
+    shown = {"round": (checkpoint_round(output) if shown_upto is None else shown_upto) if resume else 0}
 
     def show_new(rec: RoundRecord) -> None:
         if rec.round > shown["round"]:

@@ -29,6 +29,7 @@ from lte_ray.errors import UserError
 from lte_ray.runtime.worker import head_actor
 
 log = logging.getLogger("lte_ray.coordinator")
+YOUNG_ROUNDS = 5  # a new head's first accepted uploads, clipped rather than refused over the median bound
 
 
 @dataclass
@@ -42,9 +43,13 @@ class Member:
     initialized: bool = False  # has it completed a round (and so holds the full state)?
     late_streak: int = 0  # rounds in a row it missed the deadline
     reset_next: bool = False  # its last upload was rejected: it starts the next round from fresh factors
-    # New to the run, or restarted fresh, and not yet within the median bound (`core.robust`):
-    # over it, its upload is clipped rather than refused.
-    young: bool = True
+    # Its accepted uploads, counted while it is young (`core.robust`): new to the run, over the median bound
+    # its upload is clipped to the median head's, not refused.
+    young_rounds: int = 0
+
+    @property
+    def young(self) -> bool:
+        return self.young_rounds < YOUNG_ROUNDS
 
     @property
     def active(self) -> bool:
