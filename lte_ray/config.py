@@ -145,9 +145,9 @@ class RayConfig(_Section):
     start_grace_s: float = Field(30.0, ge=0)  # at start, how long to wait for heads beyond the quorum
     checkpoint_every: int = Field(1, ge=1)  # rounds
     max_delta_ratio: float | None = Field(5.0, gt=0)  # bound a head's |D|_F by ratio * |W|_F
-    # ... and a head's whole delta by ratio x the round's median head's (>= 3 heads); a young head
-    # (new, or restarted fresh) over it is clipped, not refused (`core.robust`). None: off. Settled
-    # honest heads of the default digits run reached 3.6x late in the run.
+    # ... and a head's whole delta by ratio x the median head's (this round's and the last rounds'
+    # accepted heads); a young head (new to the run) over it is clipped to the median, not refused
+    # (`core.robust`). None: off. Settled honest heads of the default digits run reached 3.6x.
     max_median_ratio: float | None = Field(8.0, gt=1)
     outliers: Literal["reject", "clip"] = "reject"  # a head over a bound: left out, or clipped to it
     max_coordinator_restarts: int = Field(3, ge=0)  # the driver restarts a dead coordinator from its checkpoint
