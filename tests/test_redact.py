@@ -115,3 +115,19 @@ def test_resume_or_rerun_asks_again_for_credentials_it_did_not_store(tmp_path, m
     assert (cfg.tracking.mlflow_uri, cfg.ray.address) == (uri, RAY_ADDRESS)  # the real ones again
     assert cli.main(["train", "--resume", str(run)]) == 2  # one line, exit 2
     assert cli.main(["train", "--backend", "local", "--config", str(run / "config.yaml")]) == 2  # a rerun alike
+
+
+def test_a_ray_address_with_credentials_is_not_printed_when_it_cannot_be_reached(tiny_cfg, monkeypatch):
+    import ray
+
+    from lte_ray.errors import UserError
+    from lte_ray.runtime import launch
+
+    def refuse(address, **_):
+        raise ConnectionError(f"could not reach {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(UserError) as e:
+        launch.connect(tiny_cfg(), "ray://alice:s3cret@10.0.0.1:10001")
+    assert "s3cret" not in str(e.value) and "alice" not in str(e.value) and "10.0.0.1:10001" in str(e.value)

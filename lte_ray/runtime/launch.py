@@ -38,6 +38,7 @@ from lte_ray.core.history import RoundCallback
 from lte_ray.core.methods import get_method
 from lte_ray.core.protocol import RoundRecord, RunResult
 from lte_ray.errors import UserError
+from lte_ray.redact import redact, scrub
 from lte_ray.runtime.coordinator import Coordinator
 from lte_ray.runtime.where import sign_output
 from lte_ray.runtime.worker import head_actor
@@ -56,7 +57,9 @@ def connect(cfg: Config, address: str | None = None) -> bool:
         try:
             ray.init(address=address, namespace=cfg.ray.namespace)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"ray.address: cannot connect to Ray at {address!r}: {e}") from None
+            # A Ray Client address may carry credentials (ray://user:token@host): never printed.
+            raise UserError(f"ray.address: cannot connect to Ray at {redact(address)!r}: {scrub(str(e), address)}") \
+                from None
         return False
     # A local cluster for this run, with enough logical CPUs for every head. (`lte-ray train`
     # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported so it binds to 127.0.0.1.)
