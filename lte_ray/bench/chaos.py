@@ -30,7 +30,9 @@ WALL_RATIO, STRAGGLER_WALL_RATIO = 1.5, 1.3
 
 
 def _schedule(scenario: str, rounds: int) -> Schedule:
-    return {"calm": Schedule(), "straggler": Schedule(slow_from=2)}.get(scenario) or chaos_schedule(rounds)
+    if scenario == "chaos":
+        return chaos_schedule(rounds)
+    return Schedule(slow_from=2) if scenario == "straggler" else Schedule()
 
 
 def _mlflow_points(uri: str, run_id: str) -> dict[str, int]:
@@ -57,9 +59,9 @@ def run_scenario(scenario: str, folder: Path, rounds: int, nodes: int, overrides
         faults.start()
         try:
             result = run.train()
+            wall = time.monotonic() - t0  # not the wait for a restarting MLflow server below
         finally:
             faults.stop()
-        wall = time.monotonic() - t0
         summary = run.finish(result)  # waits for the tracker's backlog: MLflow holds every round now
         points = _mlflow_points(server.uri, summary["mlflow_run_id"])
         shown = faults.shown

@@ -57,8 +57,8 @@ class MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
                "--default-artifact-root", str(self.folder / "artifacts")]
-        log = open(self.folder / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.folder / "server.log", "ab") as log:  # the server keeps its own copy of the handle
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -80,7 +80,7 @@ class MlflowServer:
 
 @dataclass
 class Schedule:
-    """Rounds (1-based, as the driver sees them) at which each fault is injected; None: never."""
+    """Rounds (1-based: the coordinator has merged this many) at which each fault is injected; None: never."""
 
     slow_from: int | None = None  # one head `slow_factor` x slower from this round
     poison_from: int | None = None  # one head poisoning every upload from this round

@@ -97,9 +97,11 @@ def _per_head(out: Screening, kind: _Norms, median_ratio: float | None, clip: bo
     if median_ratio is None or len(finite) < MIN_HEADS_FOR_MEDIAN:
         return
     median = float(torch.tensor(finite, dtype=torch.float64).median())
+    if median <= 0:  # nothing moved: no scale to judge against
+        return
     bound = median_ratio * median
     for i, total in totals.items():
-        if median <= 0 or total <= bound:
+        if total <= bound:
             continue
         if clip or i in fresh:
             to = median if i in fresh and not clip else bound  # a young head: no more say than the median head
