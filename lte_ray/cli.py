@@ -99,7 +99,8 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
                     "OUTPUT/tokenizer.json for BPE. Train on it with --set data.name=tokens --set data.path=OUTPUT.")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH", help="text files, or folders (all files in them)")
-    source.add_argument("--corpus", choices=["shakespeare"], help="a packaged corpus instead of --input")
+    source.add_argument("--corpus", choices=["shakespeare", "kjv"],
+                        help="a packaged corpus instead of --input (kjv: the King James Bible)")
     q.add_argument("--tokenizer", required=True, choices=["byte", "char", "bpe"],
                    help="byte: 256 byte values; char: the text's characters; bpe: byte-level BPE (Hugging Face "
                         "tokenizers) trained on the corpus, or loaded with --tokenizer-file")
@@ -267,11 +268,12 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from lte_ray import tokens
-    from lte_ray.data import shakespeare_files, text_files
+    from lte_ray.data import packaged_corpus, text_files
 
-    files = shakespeare_files() if args.corpus else text_files(args.input)
+    files, read = packaged_corpus(args.corpus) if args.corpus else (text_files(args.input), tokens.read_corpus)
     meta = tokens.prepare(files, args.output, args.tokenizer, vocab_size=args.vocab_size,
-                          tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction, force=args.force)
+                          tokenizer_file=args.tokenizer_file, val_fraction=args.val_fraction, force=args.force,
+                          read=read)
     print(tokens.summary(args.output, meta))
     return 0
 

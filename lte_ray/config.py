@@ -4,7 +4,9 @@ This module knows the shape of a config and nothing else: its validators are pur
 package or registry look-ups, no changes to the values given). What needs the world (does the
 data path exist, is the method known and its package installed, does the model fit the data)
 is checked once, at load time, by `lte_ray.resolve`. Derived values (`rounds`,
-`samples_per_round`, `total_steps`) are properties computed from the fields, never stored.
+`samples_per_round`, `total_steps`, and the default recipe's `lora_rank`, `lora_alpha`,
+`scaling`, `factor_lr`, `full_rank_lr`, `replica_lr` for fields left unset) are properties
+computed from the fields, never stored.
 
 Every invalid value becomes a `ConfigError` whose message is one line naming the field,
 e.g. ``lte.rank: must be >= 1 (got 0)``; the CLI prints it and exits with code 2.
@@ -14,14 +16,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lte_ray.errors import UserError
+from lte_ray.config_text import describe, load_yaml, parse_set  # noqa: F401 (load_yaml, parse_set: re-exported)
+from lte_ray.errors import ConfigError
 
 Quant = Literal["none", "int8", "nf4"]  # what the broadcast of the main weights carries
 Upload = Literal["fp32", "bf16", "int8"]  # how heads send their factors up (`core.upload`)
@@ -29,11 +29,11 @@ Device = Literal["auto", "cpu", "cuda"]
 # auto: tf32 on CUDA, fp32 on CPU. bf16 autocasts the forward; weights, LoRA factors, their
 # gradients and optimizer state, the merge and evaluation stay fp32.
 Precision = Literal["auto", "fp32", "tf32", "bf16"]
-DEFAULT_ROUNDS = 60
-
-
-class ConfigError(UserError):
-    """A user mistake in the configuration; the message is one line that names the field."""
+DEFAULT_ROUNDS = 120  # 76,800 samples with the default 4 heads, T = 5, batch 32
+# The default recipe (`lte-ray bench quality --vary`, docs/benchmarks.md "Finding the recipe").
+RANK_HEADS_PER_WIDTH = 2  # rank x heads, in widths (and T = 5: `LTEConfig.merge_every`)
+DEFAULT_SCALING = 8.0  # s = alpha / rank
+DEFAULT_FULL_LR = 4e-3  # full-rank AdamW's learning rate; LoRA factors train at this / s
 
 
 def one_of(field: str, choices: list[str], got: object) -> str:
@@ -74,9 +74,11 @@ class DataConfig(_Section):
 
 class LTEConfig(_Section):
     heads: int = Field(4, ge=1)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(64.0, gt=0)  # scaling s = alpha / rank
-    merge_every: int = Field(10, ge=1)  # T: local steps per round
+    # None: the default recipe (`Config.lora_rank`, `Config.lora_alpha`, docs/benchmarks.md):
+    # rank x heads = RANK_HEADS_PER_WIDTH x model.width, and s = alpha / rank = DEFAULT_SCALING.
+    rank: int | None = Field(None, ge=1)
+    alpha: float | None = Field(None, gt=0)
+    merge_every: int = Field(5, ge=1)  # T: local steps per round (the recipe: 5 beat 10 and 1)
     mode: Literal["resetless", "reset"] = "resetless"
     targets: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch patterns on nn.Linear names
     replicas: Literal["frozen", "average"] = "average"  # non-LoRA parameters
@@ -95,24 +97,26 @@ class LTEConfig(_Section):
             raise ValueError("lte.keep_quantized: needs lte.quant int8 or nf4 (got none)")
         return self
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
 
 class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(5e-4, gt=0)
-    full_lr: float | None = Field(None, gt=0)  # --method full|galore; default: lte.scaling * lr
+    # The LoRA factors' learning rate and the full-rank one (--method full|galore|fira): give
+    # either, the other is it times or divided by s (under Adam an LTE head moves W by about
+    # s x lr per step); neither: lr = DEFAULT_FULL_LR / s.
+    lr: float | None = Field(None, gt=0)
+    full_lr: float | None = Field(None, gt=0)
+    # Heads' replica parameters (embeddings, norms, biases: averaged like full-rank weights at each
+    # merge); default: the full-rank learning rate, as these train exactly as full-rank ones do.
+    replica_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)  # per head
     rounds: int | None = Field(DEFAULT_ROUNDS, ge=1)  # None: the default (files of older versions hold it)
     total_samples: int | None = Field(None, ge=1)  # when given, it sets the rounds instead of `rounds`
     schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_rounds: int = Field(5, ge=0)
+    warmup_rounds: int = Field(10, ge=0)  # 50 steps at T = 5
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
-    eval_every: int = Field(10, ge=1)  # rounds
+    eval_every: int = Field(20, ge=1)  # rounds
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
@@ -184,6 +188,42 @@ class Config(_Section):
         return self.ray.max_heads or 2 * self.lte.heads
 
     @property
+    def lora_rank(self) -> int:
+        """`lte.rank`, by default RANK_HEADS_PER_WIDTH x model.width / lte.heads (8 if the width is the preset's)."""
+        if self.lte.rank is not None:
+            return self.lte.rank
+        return max(1, round(RANK_HEADS_PER_WIDTH * self.model.width / self.lte.heads)) if self.model.width else 8
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.lte.alpha if self.lte.alpha is not None else DEFAULT_SCALING * self.lora_rank
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / rank: a head's forward adds s B A x."""
+        return self.lora_alpha / self.lora_rank
+
+    @property
+    def factor_lr(self) -> float:
+        """The heads' learning rate for their LoRA factors: `train.lr`, else the full-rank one / s."""
+        return self.train.lr or (self.train.full_lr or DEFAULT_FULL_LR) / self.scaling
+
+    @property
+    def full_rank_lr(self) -> float:
+        """The full-rank baselines' learning rate: `train.full_lr`, else s x the factors' one."""
+        return self.train.full_lr or self.scaling * self.factor_lr
+
+    @property
+    def replica_lr(self) -> float:
+        """The heads' learning rate for replica parameters: `train.replica_lr`, by default the full-rank one."""
+        return self.train.replica_lr or self.full_rank_lr
+
+    def recipe(self) -> dict[str, float]:
+        """The values the defaults derive (rank, alpha, s, learning rates), as this config resolves them."""
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha, "scaling": self.scaling, "lr": self.factor_lr,
+                "full_lr": self.full_rank_lr, "replica_lr": self.replica_lr}
+
+    @property
     def rounds(self) -> int:
         """`train.total_samples` in whole rounds when given, else `train.rounds`."""
         if self.train.total_samples is not None:
@@ -223,63 +263,11 @@ def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_PHRASES = {
-    "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
-    "less_than_equal": "must be <= {le}", "less_than": "must be < {lt}",
-    "literal_error": "must be one of {expected}", "extra_forbidden": "unknown field",
-}
-
-
-def _describe(err: ValidationError) -> str:
-    """The first validation error as one line: `field.path: what is wrong (got value)`."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    kind = first["type"]
-    if kind == "value_error":  # our own validators write complete, field-named messages
-        msg = str(first["ctx"]["error"])
-        return msg if ":" in msg.split(" ")[0] else f"{loc}: {msg}"
-    msg = _PHRASES[kind].format(**first.get("ctx", {})) if kind in _PHRASES else first["msg"]
-    got = first.get("input")
-    suffix = "" if kind in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-    return f"{loc}: {msg}{suffix}"
-
-
 def _from_dict(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e)) from None
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set section.key=value` items -> {dotted: value}; values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item}: expected section.key=value")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            out[key.strip()] = raw
-    return out
-
-
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"config: cannot read {str(p)!r}: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"config: {str(p)!r} is not valid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {str(p)!r} must hold a mapping of sections")
-    return data
+        raise ConfigError(describe(e)) from None
 
 
 def rounds_override(rounds: int) -> dict[str, Any]:

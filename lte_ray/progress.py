@@ -62,7 +62,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("", style="bold")
     table.add_column("")
     rows = [("method", summary["method"]), ("model", summary["config"]["model"]["name"]),
-            ("heads", summary["heads"]), ("rank", summary["config"]["lte"]["rank"]),
+            ("heads", summary["heads"]),
+            ("rank", summary.get("recipe", {}).get("rank", summary["config"]["lte"]["rank"])),
             ("merge every", summary["config"]["lte"]["merge_every"]), ("rounds", summary["rounds"]),
             ("samples seen", f"{summary['samples_seen']:,}")]
     rows += [(k, f"{v:.4f}") for k, v in summary.items() if k.startswith("eval_") and isinstance(v, float)]

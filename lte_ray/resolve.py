@@ -29,7 +29,7 @@ def resolve(cfg: Config) -> Config:
     family = model_family(cfg.model.name)
     task = data_task(cfg.data)
     if family.task != task:
-        need = ("text data (data.name=text, shakespeare or tokens)" if family.task == "lm"
+        need = ("text data (data.name=text, shakespeare, kjv or tokens)" if family.task == "lm"
                 else f"image data, not data.name={cfg.data.name}")
         raise ConfigError(f"model.name: {cfg.model.name} needs {need}")
     m = cfg.model

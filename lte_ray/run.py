@@ -80,7 +80,8 @@ class Run:
         """Write summary.json, the weights and the MLflow artifacts; returns the summary."""
         tracking = ({"mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.tracker.shown_uri}
                     if self.tracker else {})
-        summary = self.out.finish({**result.summary(), **tracking, "config": redacted_config(self.cfg.to_dict())},
+        summary = self.out.finish({**result.summary(), **tracking, "config": redacted_config(self.cfg.to_dict()),
+                                   "recipe": self.cfg.recipe()},
                                   result.state)
         if self.tracker:
             self.tracker.finish(self.out.dir, summary)

@@ -167,13 +167,14 @@ def _encode(raw: bytes, tokenizer: str, vocab_size: int | None, tok: Any,
 
 def prepare(files: list[str], output: str, tokenizer: str, *, vocab_size: int | None = None,
             tokenizer_file: str | None = None, val_fraction: float = 0.1, force: bool = False,
-            log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+            log: Callable[[str], None] = _stderr, read: Callable[[list[str]], bytes] = read_corpus) -> dict[str, Any]:
     """Tokenize `files` into `output` (train.bin, val.bin, meta.json, tokenizer.json for BPE);
     returns the meta. The folder appears whole or not at all: it is written beside its place
-    and renamed into it."""
+    and renamed into it. `read`: how the files become text (a packaged corpus may hold it inside
+    a source file, `lte_ray.corpora`)."""
     _check_args(files, output, tokenizer, vocab_size, tokenizer_file, val_fraction, force)
     tok = load_tokenizer(tokenizer_file) if tokenizer_file else None  # a bad file fails before any work
-    raw = read_corpus(files)
+    raw = read(files)
     log(f"read {len(files)} file{'s' * (len(files) != 1)} ({len(raw):,} bytes)")
     if tok is not None:
         log(f"encoding with {tokenizer_file} (vocab {tok.get_vocab_size():,})")

@@ -91,7 +91,8 @@ class Tracker:
 
         self._writer = Writer(self.uri, connect, setup, Backlog(Path(output_dir) / "metrics.jsonl"))
         if run_id is None:
-            items = [Param(k, v) for k, v in flatten(redacted_config(cfg.to_dict())).items()]
+            derived = {f"recipe.{k}": str(v) for k, v in cfg.recipe().items()}  # what the unset defaults resolved to
+            items = [Param(k, v) for k, v in {**flatten(redacted_config(cfg.to_dict())), **derived}.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 self._writer.add_call(lambda c, r, chunk=items[i:i + 100]: c.log_batch(r, params=chunk))
         self._writer.settled.wait(START_WAIT_S)

@@ -31,25 +31,25 @@ def _runs(setting, curves, metric="eval_accuracy"):
 
 def test_samples_to_target_is_read_off_the_seed_mean_curves():
     ds = DATASETS["digits"]
-    settings = [s for s in SETTINGS if s.key in ("full", "lte-4x8", "lora")]
-    runs = (_runs("full", [[0.5, 0.9, 0.9], [0.5, 0.9, 0.9]]) + _runs("lte-4x8", [[0.4, 0.7, 0.92], [0.4, 0.7, 0.9]])
+    settings = [s for s in SETTINGS if s.key in ("full", "lte", "lora")]
+    runs = (_runs("full", [[0.5, 0.9, 0.9], [0.5, 0.9, 0.9]]) + _runs("lte", [[0.4, 0.7, 0.92], [0.4, 0.7, 0.9]])
             + _runs("lora", [[0.3, 0.5, 0.6]]))
     out = aggregate(ds, runs, settings)
     rows = {m["key"]: m for m in out["methods"]}
     assert out["target"] == pytest.approx(0.9) and out["full_samples_to_target"] == 200
     assert rows["full"]["ratio_to_full"] == 1.0
-    assert rows["lte-4x8"]["samples_to_target"] == 300 and rows["lte-4x8"]["ratio_to_full"] == pytest.approx(1.5)
-    assert rows["lte-4x8"]["final"]["eval_accuracy"]["mean"] == pytest.approx(0.91)
-    assert rows["lte-4x8"]["curve"]["min"] == [0.4, 0.7, 0.9]
+    assert rows["lte"]["samples_to_target"] == 300 and rows["lte"]["ratio_to_full"] == pytest.approx(1.5)
+    assert rows["lte"]["final"]["eval_accuracy"]["mean"] == pytest.approx(0.91)
+    assert rows["lte"]["curve"]["min"] == [0.4, 0.7, 0.9]
     assert rows["lora"]["samples_to_target"] is None and rows["lora"]["ratio_to_full"] is None
 
 
 def test_a_loss_target_is_reached_from_above():
     ds = DATASETS["shakespeare"]
-    settings = [s for s in SETTINGS if s.key in ("full", "lte-4x8")]
-    runs = _runs("full", [[3.0, 2.0, 1.5]], "eval_loss") + _runs("lte-4x8", [[3.1, 1.6, 1.4]], "eval_loss")
+    settings = [s for s in SETTINGS if s.key in ("full", "lte")]
+    runs = _runs("full", [[3.0, 2.0, 1.5]], "eval_loss") + _runs("lte", [[3.1, 1.6, 1.4]], "eval_loss")
     rows = {m["key"]: m for m in aggregate(ds, runs, settings)["methods"]}
-    assert rows["full"]["samples_to_target"] == 300 and rows["lte-4x8"]["samples_to_target"] == 300
+    assert rows["full"]["samples_to_target"] == 300 and rows["lte"]["samples_to_target"] == 300
 
 
 def test_data_parallel_traffic_and_the_time_split():
@@ -66,7 +66,7 @@ def test_data_parallel_traffic_and_the_time_split():
 
 
 def test_unknown_bench_settings_are_one_line_errors(capsys):
-    assert main(["bench", "quality", "--methods", "lte-4x8,nope"]) == 2
+    assert main(["bench", "quality", "--methods", "lte,nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lte-ray: error: --methods: unknown nope") and "Traceback" not in err
     assert main(["bench", "quality", "--samples", "5000", "--evals", "3", "--datasets", "digits"]) == 2
@@ -80,9 +80,10 @@ def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
     report = json.loads((out / "quality.json").read_text())
     assert report["bench"] == "quality" and report["schema"] == 1 and report["skipped"] == []
     assert {"cpu", "cores", "memory_gib", "gpu", "torch"} <= set(report["machine"])
-    assert [d["name"] for d in report["datasets"]] == ["digits", "shakespeare"]
+    assert [d["name"] for d in report["datasets"]] == ["digits", "mnist", "shakespeare", "kjv"]
     for ds in report["datasets"]:
-        assert [m["key"] for m in ds["methods"]] == [s.key for s in SETTINGS]
+        # The defaults: every baseline (Fira among them) and LTE with the default recipe.
+        assert [m["key"] for m in ds["methods"]] == ["full", "lora", "lora-merge", "mhlora", "galore", "fira", "lte"]
         assert math.isfinite(ds["target"]) and ds["budget_samples"] == 5120
         for m in ds["methods"]:
             assert m["curve"]["samples"] == [2560, 5120]
@@ -90,9 +91,10 @@ def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
             assert finite(m["final"]) and finite(m["curve"]), (ds["name"], m["key"])
             assert m["samples_to_target"] is None or m["samples_to_target"] in (2560, 5120)
         methods = {m["key"]: m["method"] for m in ds["methods"]}
-        assert methods["galore"] == "galore" and methods["lora-merge"] == "lora-merge"
-        finals = {m["key"]: m["final"][ds["metric"]]["mean"] for m in ds["methods"]}
-        assert len(set(finals.values())) == len(finals)  # every setting is a different run
+        assert methods["galore"] == "galore" and methods["lora-merge"] == "lora-merge" and methods["fira"] == "fira"
+        # every setting is a different run (its final loss, continuous even where accuracies can tie)
+        finals = {m["key"]: tuple(f["mean"] for f in m["final"].values()) for m in ds["methods"]}
+        assert len(set(finals.values())) == len(finals)
     md = (out / "quality.md").read_text()
     assert "| setting | seeds |" in md and "ratio to full-rank" in md
     assert (out / "quality.png").stat().st_size > 10_000
@@ -103,7 +105,10 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
     out = tmp_path / "s"
     args = ["bench", "system", "--rounds", "3", "--output", str(out), "--set", "model.depth=2",
             "--set", "model.width=32", "--set", "model.attn_heads=2", "--set", "ray.cpus_per_head=0.5",
-            "--set", "ray.start_grace_s=600", "--set", "train.device=cpu"]
+            "--set", "ray.start_grace_s=600", "--set", "train.device=cpu",
+            # rank 4 of width 32: the default recipe's rank 16 (width / 2 with 4 heads) would give a head
+            # as much training state as a full-rank worker, and the comparison below is for a lean head
+            "--set", "lte.rank=4"]
     assert main(args) == 0
     report = json.loads((out / "system.json").read_text())
     assert report["bench"] == "system" and report["schema"] == 3 and finite(report)
@@ -115,7 +120,7 @@ def test_bench_system_tiny_splits_time_traffic_memory_and_overhead(tmp_path, ray
     assert t["background"]["evaluation_seconds"] > 0 and t["background"]["checkpoint_seconds"] > 0
     tr = report["traffic"]
     assert tr["heads"] == 4 and 0 < tr["ratio_to_dp"] < 0.2
-    assert tr["dp_allreduce_bytes_per_round"] == 2 * 3 * 4 * tr["params"] * 10
+    assert tr["dp_allreduce_bytes_per_round"] == 2 * 3 * 4 * tr["params"] * report["config"]["lte"]["merge_every"]
     mem = {r["quant"] + ("" if "head" in r["label"] else "-full"): r for r in report["memory"]}
     params_bytes = 4 * tr["params"]
     assert mem["none-full"]["weights"] == mem["none-full"]["gradients"] == params_bytes
@@ -153,22 +158,24 @@ def test_budget_factor_extends_every_setting_but_full_rank_on_the_same_grid():
 
     ds, by_key = DATASETS["shakespeare"], {s.key: s for s in SETTINGS}
     full = run_config(ds, by_key["full"], 0, 25_600, 10, "cpu", budget_factor=3)
-    lte = run_config(ds, by_key["lte-4x8-t20"], 0, 25_600, 10, "cpu", budget_factor=3)
+    lte = run_config(ds, by_key["lte-t10"], 0, 25_600, 10, "cpu", budget_factor=3)
     assert full.rounds * full.samples_per_round == 25_600
     assert lte.rounds * lte.samples_per_round == 3 * 25_600
     assert full.train.eval_every * full.samples_per_round == lte.train.eval_every * lte.samples_per_round == 2_560
-    assert (full.train.full_lr, lte.train.lr) == (8e-3, 2e-3)
+    assert (full.full_rank_lr, lte.factor_lr) == (8e-3, 1e-3)  # the factors: the full-rank lr / s
 
 
 def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     from lte_ray.bench import quality
     from lte_ray.errors import UserError
 
-    job = {"dataset": "digits", "setting": "full", "seed": 0, "budget": 5120, "evals": 2, "device": "cpu",
+    job = {"dataset": "digits", "setting": "full", "overrides": {"method": "full"}, "reference": True,
+           "seed": 0, "budget": 5120, "evals": 2, "device": "cpu",
            "budget_factor": 1, "output": str(tmp_path)}
     first = quality.run_one(job)
     folder = tmp_path / "runs" / "digits-full-seed0"
-    assert (folder / "summary.json").exists() and len((folder / "metrics.jsonl").read_text().splitlines()) == 4
+    rounds = len((folder / "metrics.jsonl").read_text().splitlines())
+    assert (folder / "summary.json").exists() and rounds == 8  # 5,120 samples, 640 a round (T = 5)
     monkeypatch.setattr("lte_ray.run.Run.train", lambda *a, **k: pytest.fail("trained again"))
     again = quality.run_one(job)
     assert again["curve"] == first["curve"] and again["final"] == first["final"]
@@ -190,7 +197,8 @@ def test_bench_system_workers_per_precision_and_checkpointing_and_folder_loading
     args = ["bench", "system", "--only-workers", "--output", str(out), "--set", "model.depth=2",
             "--set", "model.width=32", "--set", "model.attn_heads=2", "--set", "train.device=cpu",
             "--set", "data.name=folder", "--set", f"data.path={folder}", "--set", "data.image_size=8",
-            "--set", "train.batch_size=8", "--precisions", "fp32,bf16", "--checkpointing", "off,on",
+            "--set", "train.batch_size=8", "--set", "lte.rank=4", "--precisions", "fp32,bf16",
+            "--checkpointing", "off,on",
             "--loader-workers", "0,1"]
     assert main(args) == 0
     report = json.loads((out / "system.json").read_text())
@@ -212,3 +220,18 @@ def test_bench_system_refuses_bad_settings_in_one_line(flag, value, capsys):
     assert main(["bench", "system", "--only-workers", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"lte-ray: error: {flag}")
+
+
+def test_vary_crosses_items_and_zips_keys_joined_by_plus():
+    from lte_ray.bench.quality_settings import parse_vary, settings_for, varied
+    from lte_ray.errors import UserError
+
+    assert parse_vary([]) == [] and varied(settings_for(["full", "lte"]), []) == settings_for(["full", "lte"])
+    grid = parse_vary(["lte.merge_every=5,10", "lte.rank+lte.alpha=8+64,16+128"])
+    assert grid[1] == {"lte.merge_every": 5, "lte.rank": 16, "lte.alpha": 128} and len(grid) == 4
+    out = varied(settings_for(["full", "lte"]), grid)
+    assert [s.key for s in out][:2] == ["full", "lte@merge_every=5,rank=8,alpha=64"]  # full-rank stays once
+    assert len(out) == 5 and out[1].overrides == {"method": "lte", **grid[0]}
+    for bad in ["lte.rank", "lte.rank+lte.alpha=8"]:
+        with pytest.raises(UserError, match="--vary"):
+            parse_vary([bad])

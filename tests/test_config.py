@@ -60,13 +60,29 @@ def test_yaml_plus_overrides(tmp_path):
     path.write_text("lte:\n  heads: 8\n  rank: 4\ntrain:\n  lr: 1.0e-3\n")
     cfg = load_config(str(path), parse_set(["lte.rank=16", "train.total_samples=12800"]))
     assert (cfg.lte.heads, cfg.lte.rank, cfg.train.lr) == (8, 16, 1e-3)
-    assert cfg.rounds == 5  # 12800 samples / (8 heads * 10 steps * 32 per batch)
-    assert cfg.lte.scaling == cfg.lte.alpha / 16
+    assert cfg.rounds == 10  # 12800 samples / (8 heads * 5 steps * 32 per batch)
+    assert (cfg.lora_alpha, cfg.scaling) == (128, 8.0)  # alpha follows the rank: s = 8
+
+
+def test_the_default_recipe_follows_the_model():
+    from lte_ray.core.methods import get_method
+
+    cfg = load_config(None, {})  # ViT width 96, 4 heads
+    assert (cfg.lte.rank, cfg.lte.alpha, cfg.train.lr, cfg.train.full_lr) == (None, None, None, None)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.scaling) == (48, 384, 8.0)  # rank x heads = 2 x width
+    assert (cfg.factor_lr, cfg.full_rank_lr, cfg.replica_lr) == (4e-3 / 8, 4e-3, 4e-3)
+    wide = load_config(None, {"model.width": 128, "lte.heads": 16, "train.full_lr": 8e-3})
+    assert (wide.lora_rank, wide.factor_lr, wide.replica_lr) == (16, 1e-3, 8e-3)
+    given = load_config(None, {"lte.rank": 4, "lte.alpha": 64, "train.lr": 1e-3, "train.replica_lr": 2e-3})
+    assert (given.scaling, given.full_rank_lr, given.replica_lr) == (16.0, 16e-3, 2e-3)
+    one = get_method("lora").lte_config(cfg)  # the single-head baselines keep the heads' rank and rates
+    assert (one.lte.heads, one.lora_rank, one.scaling, one.factor_lr, one.full_rank_lr) == (1, 48, 8.0, 5e-4, 4e-3)
+    assert get_method("mhlora").lte_config(cfg).lora_rank == 4 * 48
 
 
 def test_defaults_are_valid():
     cfg = build_config()
-    assert cfg.method == "lte" and cfg.data.name == "digits" and cfg.rounds == 60
+    assert cfg.method == "lte" and cfg.data.name == "digits" and cfg.rounds == 120
 
 
 def test_digits_yaml_spells_out_the_defaults():

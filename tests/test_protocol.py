@@ -16,10 +16,11 @@ from lte_ray.resolve import build_config, resolve
 def test_validation_is_pure_and_resolve_checks_the_world(tmp_path):
     missing = str(tmp_path / "missing.txt")
     cases = [({"method": "nope"},
-              "method: must be one of 'lte', 'full', 'lora', 'lora-merge' or 'galore' (got 'nope')"),
+              "method: must be one of 'lte', 'full', 'lora', 'lora-merge', 'mhlora', 'galore' or 'fira' (got 'nope')"),
              ({"model.name": "resnet"}, "model.name: unknown model 'resnet'"),
              ({"data.name": "imagenet"},
-              "data.name: must be one of 'digits', 'npz', 'folder', 'text', 'shakespeare' or 'tokens' (got 'imagenet')"),
+              "data.name: must be one of 'digits', 'npz', 'folder', 'mnist', 'text', 'shakespeare', 'kjv' or 'tokens' "
+              "(got 'imagenet')"),
              ({"model.name": "gpt_nano"}, "model.name: gpt_nano needs text data"),
              ({"model.width": 30, "model.attn_heads": 4}, "model.width: 30 is not divisible by model.attn_heads=4"),
              ({"model.name": "gpt_nano", "data.name": "text", "data.path": missing}, "does not exist")]
@@ -28,20 +29,20 @@ def test_validation_is_pure_and_resolve_checks_the_world(tmp_path):
         with pytest.raises(ConfigError) as e:
             resolve(cfg)
         assert message in str(e.value) and len(str(e.value).splitlines()) == 1
-    assert set(METHODS) == {"lte", "full", "lora", "lora-merge", "galore"}
+    assert set(METHODS) == {"lte", "full", "lora", "lora-merge", "mhlora", "galore", "fira"}
 
 
 def test_rounds_are_derived_and_the_fields_stay_as_given(tmp_path):
     cfg = validate({}, {"train.total_samples": 12_800})
-    assert cfg.train.rounds == 60 and cfg.train.total_samples == 12_800  # nothing rewritten
-    assert cfg.rounds == math.ceil(12_800 / cfg.samples_per_round) == 10
-    assert cfg.replace({"train.batch_size": 16}).rounds == 20  # derived again from the new fields
+    assert cfg.train.rounds == 120 and cfg.train.total_samples == 12_800  # nothing rewritten
+    assert cfg.rounds == math.ceil(12_800 / cfg.samples_per_round) == 20
+    assert cfg.replace({"train.batch_size": 16}).rounds == 40  # derived again from the new fields
     path = tmp_path / "budget.yaml"
     path.write_text("train:\n  rounds: 5\n  total_samples: 12800\n")
     from lte_ray.cli import build_parser, config_from_args
 
-    assert validate({"train": {"rounds": None}}).rounds == 60  # config.yaml files of older versions hold null
-    assert config_from_args(build_parser().parse_args(["train", "--config", str(path)])).rounds == 10
+    assert validate({"train": {"rounds": None}}).rounds == 120  # config.yaml files of older versions hold null
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(path)])).rounds == 20
     assert config_from_args(build_parser().parse_args(["train", "--config", str(path), "--rounds", "3"])).rounds == 3
 
 

@@ -79,7 +79,7 @@ def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
 
     data = load_data(cfg.data, cfg.model)
     model = build_model(cfg.model, data.spec)
-    numbers = sum((m.in_features + m.out_features) * cfg.lte.rank
+    numbers = sum((m.in_features + m.out_features) * cfg.lora_rank
                   for n, m in model.named_modules() if n in target_names(model, cfg.lte.targets))
     assert cfg.lte.upload == "bf16" and seen["records"][0].bytes_up == 4 * numbers * 2 * 4
     assert all(rec.bytes_up == 4 * numbers * 2 for rec in seen["records"][1:])
@@ -112,7 +112,9 @@ def test_invalid_uploads_are_rejected_and_the_run_completes(ray_cluster, ray_cfg
 def test_sigkill_of_a_head_mid_round(ray_cluster, tmp_path):
     from lte_ray.resolve import build_config
 
-    cfg = build_config({}, {"ray.cpus_per_head": 0.5, "train.rounds": 25, "lte.quant": "nf4"})
+    # T = 10: rounds long enough for a replacement head to start and join within the run
+    cfg = build_config({}, {"ray.cpus_per_head": 0.5, "train.rounds": 25, "lte.quant": "nf4", "lte.merge_every": 10,
+                            "train.warmup_rounds": 5})
     name, killed = _name(), {}
 
     def on_round(rec):
@@ -134,7 +136,7 @@ def test_lte_ray_join_from_a_second_process(ray_cluster, tmp_path):
     from lte_ray.resolve import build_config
 
     cfg = build_config({}, {"ray.cpus_per_head": 0.5, "ray.start_grace_s": 600, "lte.heads": 2, "train.rounds": 40,
-                            "lte.quant": "nf4"})
+                            "lte.quant": "nf4", "lte.merge_every": 10})  # T = 10: time for the joiner to start
     name, records, box = _name(), [], {}
     runner = threading.Thread(target=lambda: box.setdefault("result", train(
         cfg, run_name=name, output_dir=str(tmp_path), on_round=records.append)))
@@ -198,7 +200,8 @@ def test_resume_after_killing_driver_and_coordinator(ray_cluster, tmp_path):
     assert summary["rounds"] == rounds
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # no round lost or counted twice (a head late for the straggler grace adds nothing to its round)
-    assert summary["samples_seen"] == sum(r["active_heads"] for r in records) * 10 * 32
+    steps_per_round = summary["config"]["lte"]["merge_every"]
+    assert summary["samples_seen"] == sum(r["active_heads"] for r in records) * steps_per_round * 32
     assert sum(r["active_heads"] for r in records) >= 0.9 * 4 * rounds
     logged = [r["round"] for r in records]
     assert len(logged) == len(set(logged)) and logged == sorted(logged) and logged[-1] == rounds
@@ -235,9 +238,9 @@ def test_default_train_on_ray_reaches_90_percent_and_logs_to_mlflow(ray_cluster,
     assert run.data.params["lte.heads"] == "4" and run.data.params["lte.quant"] == "nf4"
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == list(range(1, 61))
+    assert steps == list(range(1, 121))
     acc = client.get_metric_history(run.info.run_id, "eval_accuracy")
-    assert [m.step for m in acc] == [10, 20, 30, 40, 50, 60] and acc[-1].value >= 0.90
+    assert [m.step for m in acc] == [20, 40, 60, 80, 100, 120] and acc[-1].value >= 0.90
     for metric in ("active_heads", "bytes_down", "round_seconds", "merge_seconds", "train_loss_head_0"):
         assert client.get_metric_history(run.info.run_id, metric)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -23,12 +23,12 @@ def test_tune_metric_follows_the_data_sources_task(name):
     cfg = validate({}, {"data.name": name})
     expected = ("eval_loss", "min") if SOURCES[name].task == "lm" else ("eval_accuracy", "max")
     assert metric_for(cfg) == expected
-    assert (SOURCES[name].task == "lm") == (name in ("text", "shakespeare", "tokens"))
+    assert (SOURCES[name].task == "lm") == (name in ("text", "shakespeare", "kjv", "tokens"))
 
 
-@pytest.mark.parametrize("name", ["digits", "shakespeare"])
+@pytest.mark.parametrize("name", ["digits", "mnist", "shakespeare", "kjv"])
 def test_loaded_data_carries_the_task_its_source_declares(name):
-    overrides = {"data.name": name, **(GPT if name == "shakespeare" else {})}
+    overrides = {"data.name": name, **(GPT if name in ("shakespeare", "kjv") else {})}
     cfg = validate({}, overrides)
     assert load_data(cfg.data, cfg.model).spec.task == data_task(cfg.data) == SOURCES[name].task
 

@@ -296,3 +296,14 @@ def test_gpt_on_shakespeare_bpe_tokens_beats_the_unigram_entropy(ray_cluster, tm
           f"eval_loss {s['eval_loss']:.3f} vs unigram entropy {meta['unigram_entropy_nats']:.3f} "
           f"(margin {margin:.3f} nats)")
     assert margin >= 0.5
+
+
+def test_the_bible_prepares_from_its_package(tmp_path, capsys):
+    """`--corpus kjv`: the text is read out of the package's generated module, not its Python source."""
+    out = tmp_path / "kjv-char"
+    rc, summary, _ = _prepare(capsys, "--corpus", "kjv", "--tokenizer", "char", "--output", str(out))
+    meta = json.loads((out / "meta.json").read_text())
+    assert rc == 0 and meta["vocab_size"] == 68 and "".join(meta["vocab"][:3]) == "\n !"
+    assert meta["sources"][0].endswith("plain_text_readers_bible.py") and str(out) in summary
+    first = np.fromfile(out / "train.bin", dtype=meta["dtype"])[:16]
+    assert "".join(meta["vocab"][t] for t in first) == "In the beginning"

@@ -18,7 +18,7 @@ def test_default_lte_reaches_90_percent_and_full_rank_is_reported(tmp_path, caps
     with capsys.disabled():
         print(f"\ndigits, {lte['samples_seen']} samples: LTE x{lte['heads']} acc {lte['eval_accuracy']:.4f} "
               f"({lte['wall_seconds']:.0f}s) | full-rank acc {full['eval_accuracy']:.4f} ({full['wall_seconds']:.0f}s)")
-    assert lte["heads"] == 4 and lte["config"]["lte"]["merge_every"] == 10
+    assert lte["heads"] == 4 and lte["config"]["lte"]["merge_every"] == 5
     assert lte["eval_accuracy"] >= 0.90
     assert full["samples_seen"] == lte["samples_seen"]
     assert full["eval_accuracy"] >= 0.90
@@ -32,7 +32,7 @@ def test_default_lte_reaches_90_percent_and_full_rank_is_reported(tmp_path, caps
 @pytest.mark.parametrize("method", ["lora", "lora-merge"])
 def test_lora_baselines_run(tmp_path, method):
     args = ["train", "--method", method, "--rounds", "3", "--quiet", "--output", str(tmp_path),
-            "--set", "model.depth=1", "--set", "train.eval_every=3"]
+            "--set", "model.depth=1", "--set", "train.eval_every=3", "--merge-every", "10"]
     assert main(args) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["heads"] == 1 and s["method"] == method

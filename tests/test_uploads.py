@@ -41,7 +41,7 @@ def _factor_numbers(master, rank):
 @pytest.mark.parametrize("encoding,per_number", [("fp32", 4), ("bf16", 2), ("int8", 1 + 4 / 64)])
 def test_uploads_are_rank_r_after_the_first(tiny_cfg, encoding, per_number):
     cfg, master, heads = _setup(tiny_cfg, **{"lte.upload": encoding})
-    numbers = _factor_numbers(master, cfg.lte.rank)
+    numbers = _factor_numbers(master, cfg.lora_rank)
     first = _round(master, heads, 0)
     assert all(x.upload.nbytes == 2 * numbers * 4 for x in first)  # B, A and the round's start B', A', fp32
     later = _round(master, heads, 1)
@@ -95,13 +95,13 @@ def test_a_head_back_from_a_missed_round_sends_everything_once(tiny_cfg):
     assert again[0].upload.relative
     # a stale relative upload is named, not merged
     stale = FactorUpload("bf16", 7, True, again[0].upload.b, again[0].upload.a)
-    assert "holds round" in upload.problem(stale, master.shapes, cfg.lte.rank, True, 2)
+    assert "holds round" in upload.problem(stale, master.shapes, cfg.lora_rank, True, 2)
 
 
 def test_malformed_uploads_are_named(tiny_cfg):
     cfg, master, heads = _setup(tiny_cfg)
     good = heads[0].train_round(0, master.broadcast(full=True)).upload
-    shapes, rank = master.shapes, cfg.lte.rank
+    shapes, rank = master.shapes, cfg.lora_rank
 
     def why(mutate):
         bad = copy.deepcopy(good)

@@ -18,19 +18,26 @@ def _csv(text: str) -> list[str]:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: quality (LTE vs baselines) and system (time, bytes, memory)")
     kinds = p.add_subparsers(dest="bench", required=True)
-    q = kinds.add_parser("quality", help="LTE against full-rank, LoRA, LoRA-merge and GaLore on digits and text",
-                         description="Train every setting on digits (ViT) and Shakespeare (char-level GPT) with "
-                                     "the same sample budget and evaluation points, over several seeds; write "
-                                     "quality.json, quality.md and quality.png, and each run's folder under runs/. "
-                                     "Defaults take about 15 minutes on 2 CPU cores.")
-    q.add_argument("--datasets", type=_csv, help="comma-separated: digits,shakespeare (default: both)")
-    q.add_argument("--methods", type=_csv, help="comma-separated setting keys (default: all; see docs/benchmarks.md)")
-    q.add_argument("--seeds", type=int, help="seeds per setting (default: 3 on digits, 2 on shakespeare)")
-    q.add_argument("--samples", type=int, help="sample budget per run (default: 76800 digits, 25600 shakespeare)")
-    q.add_argument("--evals", type=int, help="evaluation points per run (default: 15 digits, 10 shakespeare)")
+    q = kinds.add_parser("quality", help="LTE against full-rank, LoRA, LoRA-merge, multi-head LoRA, GaLore and Fira",
+                         description="Train every setting on digits and MNIST (ViT), Shakespeare and the King James "
+                                     "Bible (char-level GPT) with the same sample budget and evaluation points, over "
+                                     "several seeds; write quality.json, quality.md and quality.png, and each run's "
+                                     "folder under runs/. With --vary, a sweep. Defaults take about an hour on 2 "
+                                     "CPU cores.")
+    q.add_argument("--datasets", type=_csv, help="comma-separated: digits,mnist,shakespeare,kjv,shakespeare-nano "
+                                                 "(default: all but shakespeare-nano)")
+    q.add_argument("--methods", type=_csv, help="comma-separated setting keys: full,lora,lora-merge,mhlora,galore,"
+                                                "fira,lte (the default) and lte-8,lte-t10")
+    q.add_argument("--seeds", type=int, help="seeds per setting (default: 3 on digits, 2 on the others)")
+    q.add_argument("--samples", type=int, help="sample budget per run (default: the data set's, docs/benchmarks.md)")
+    q.add_argument("--evals", type=int, help="evaluation points per run (default: the data set's)")
     q.add_argument("--budget-factor", type=int, default=1,
                    help="give every setting but full-rank this many times the budget, to measure how many "
                         "samples it needs to reach full-rank (default: 1, the same budget)")
+    q.add_argument("--vary", metavar="KEY=V1,V2", action="append", default=[],
+                   help="run every chosen setting but full-rank once per value (repeatable; several cross): "
+                        "e.g. --vary lte.merge_every=1,5,10; keys joined by + vary together: "
+                        "--vary lte.alpha+train.lr=64+2e-3,256+5e-4")
     q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (default: 2)")
     q.add_argument("--device", choices=get_args(Device), default="cpu")
     q.add_argument("--output", default=None, help="folder (default: runs/bench-quality-<time>)")
@@ -108,7 +115,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     output = args.output or str(default_output("bench-quality"))
     report = bench_quality(output, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
                            samples=args.samples, evals=args.evals, jobs=args.jobs, device=args.device,
-                           budget_factor=args.budget_factor)
+                           budget_factor=args.budget_factor, vary=args.vary)
     print(markdown(report))
     print(f"written: {output}/quality.json, quality.md, quality.png", file=sys.stderr)
     bad = problems(report)

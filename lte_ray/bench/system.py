@@ -138,7 +138,8 @@ def bench_system(cfg: Config, output: str, runs: bool = True, precisions: list[s
     data = load_data(cfg.data, cfg.model)
     params = sum(p.numel() for p in build_model(cfg.model, data.spec).parameters())
     report: dict[str, Any] = {"bench": "system", "schema": 3, "machine": machine(),
-                              "config": redacted_config(cfg.to_dict()), "rounds": cfg.rounds, "params": params}
+                              "config": redacted_config(cfg.to_dict()), "recipe": cfg.recipe(), "rounds": cfg.rounds,
+                              "params": params}
     if runs:
         console.print(f"bench system: {cfg.rounds} rounds on Ray ({cfg.lte.heads} heads) ...", highlight=False)
         name = f"bench-system-{os.getpid()}-{int(time.time())}"  # the coordinator's actor name, unique
@@ -211,7 +212,8 @@ def markdown(report: dict[str, Any]) -> str:
     lte, model = cfg["lte"], cfg["model"]
     head = (f"Machine: {machine_line(report['machine'])}. Config: {model['name']} (width {model['width']}, depth "
             f"{model['depth']}) on {cfg['data']['name']}, {report['params']:,} parameters, {lte['heads']} heads x rank "
-            f"{lte['rank']}, alpha {lte['alpha']:g}, T={lte['merge_every']}, quant {lte['quant']}, per-head batch "
+            f"{report['recipe']['rank']}, alpha {report['recipe']['alpha']:g}, "
+            f"T={lte['merge_every']}, quant {lte['quant']}, per-head batch "
             f"{cfg['train']['batch_size']}" + (f", {report['rounds']} rounds." if "time" in report else "."))
     parts = [head, ""]
     if "time" in report:

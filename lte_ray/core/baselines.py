@@ -6,6 +6,8 @@ sample budget as LTE. The optimizer is what tells the methods apart (`core.metho
   Adam the main weights of LTE move about s * lr per step).
 * GaLore (galore-torch's GaLoreAdamW): the targeted weight matrices' gradients projected to
   rank r, the projection refreshed every T steps, scale 1, so the step size is the full-rank one.
+* Fira (`core.fira`): GaLore's projection, plus the rest of the gradient scaled by Adam's norm
+  ratio and growth-limited, so every direction moves with rank-r optimizer state.
 """
 
 from __future__ import annotations
@@ -31,30 +33,40 @@ from lte_ray.models import build_model, set_activation_checkpointing
 OptimizerFactory = Callable[[nn.Module, Config, float], torch.optim.Optimizer]  # (model, config, lr)
 
 
-def full_rank_lr(cfg: Config) -> float:
-    return cfg.train.full_lr or cfg.lte.scaling * cfg.train.lr
-
-
 def plain(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """`train.optimizer` (AdamW by default) on every weight."""
     return make_optimizer(model.parameters(), cfg.train.optimizer, lr, cfg.train.weight_decay)
 
 
+def _projected_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """The targeted weights, projected to rank `Config.lora_rank` (refreshed every `lte.merge_every`
+    steps, scale 1), and every other parameter."""
+    projected = set(main_weight_keys(model, cfg.lte.targets))
+    params = dict(model.named_parameters())
+    return [{"params": [p for n, p in params.items() if n not in projected]},
+            {"params": [p for n, p in params.items() if n in projected], "rank": cfg.lora_rank,
+             "update_proj_gap": cfg.lte.merge_every, "scale": 1.0, "proj_type": "std"}]
+
+
 def galore(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """GaLoreAdamW: the targeted weights' gradients projected to rank `lte.rank`, refreshed every
-    `lte.merge_every` steps; every other parameter plain AdamW."""
+    """GaLoreAdamW on the projected groups; every other parameter plain AdamW."""
     import warnings
 
     from galore_torch import GaLoreAdamW
 
-    projected = set(main_weight_keys(model, cfg.lte.targets))
-    params = dict(model.named_parameters())
-    groups = [{"params": [p for n, p in params.items() if n not in projected]},
-              {"params": [p for n, p in params.items() if n in projected], "rank": cfg.lte.rank,
-               "update_proj_gap": cfg.lte.merge_every, "scale": 1.0, "proj_type": "std"}]
     with warnings.catch_warnings():  # its AdamW (from transformers) warns that it is deprecated
         warnings.simplefilter("ignore", FutureWarning)
-        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.train.weight_decay)
+        return GaLoreAdamW(_projected_groups(model, cfg), lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def fira(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """Fira (`core.fira`) on the same projected groups as GaLore."""
+    from lte_ray.core.fira import FiraAdamW
+
+    return FiraAdamW(_projected_groups(model, cfg), lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {"plain": plain, "galore": galore, "fira": fira}
 
 
 def full_rank(cfg: Config, data: DataBundle, optimizer: OptimizerFactory,
@@ -67,7 +79,7 @@ def full_rank(cfg: Config, data: DataBundle, optimizer: OptimizerFactory,
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     batch = cfg.train.batch_size * cfg.lte.heads
     batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda")
-    lr = full_rank_lr(cfg)
+    lr = cfg.full_rank_lr
     opt = optimizer(model, cfg, lr)
     lr_at = lr_schedule(cfg, lr)
     history = History(cfg, on_round)

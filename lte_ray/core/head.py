@@ -74,13 +74,14 @@ class Head:
 
         model = build_model(cfg.model, self.data.spec)
         lte = cfg.lte
-        lora.to_lte(model, lte.rank, lte.alpha, lte.targets, resetless=lte.mode == "resetless")
+        lora.to_lte(model, cfg.lora_rank, cfg.lora_alpha, lte.targets, resetless=lte.mode == "resetless")
         lora.init_factors(model, self.gen)
         lora.set_trainable(model, train_replicas=lte.replicas == "average")
         set_activation_checkpointing(model, cfg.train.activation_checkpointing)
         self.model = model.to(self.device)
-        self.opt = make_optimizer(model.parameters(), cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
-        self.lr_at = lr_schedule(cfg, cfg.train.lr)
+        self.opt = make_optimizer(lora.param_groups(model, cfg.factor_lr, cfg.replica_lr), cfg.train.optimizer,
+                                  cfg.factor_lr, cfg.train.weight_decay)
+        self.lr_at = lr_schedule(cfg, cfg.factor_lr)
         self.rounds_done = 0
         self.last_round: int | None = None  # the round of its last upload
         self.received = False  # has it had a full broadcast yet?

@@ -197,6 +197,14 @@ def set_trainable(model: nn.Module, train_replicas: bool) -> None:
             p.requires_grad_(train_replicas)
 
 
+def param_groups(model: nn.Module, lr: float, replica_lr: float) -> list[dict]:
+    """The optimizer's groups: LoRA factors at `lr`, replica parameters at `replica_lr`."""
+    params = dict(model.named_parameters())
+    factors = [p for n, p in params.items() if is_lora_key(n)]
+    replicas = [p for n, p in params.items() if not is_lora_key(n)]
+    return [{"params": factors}, {"params": replicas, "lr_scale": replica_lr / lr}]
+
+
 def is_lora_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in LORA_KEYS
 

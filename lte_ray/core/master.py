@@ -57,7 +57,7 @@ class MasterWeights:
         # can read while the next round runs.
         self.state: dict[str, torch.Tensor] = _fp32(model.state_dict(), self.device)
         self.shapes = {k: (self.state[k].shape[0], self.state[k].shape[1]) for k in self.quant_keys}
-        self.store = FactorStore(cfg.lte.scaling, cfg.lte.mode == "resetless")
+        self.store = FactorStore(cfg.scaling, cfg.lte.mode == "resetless")
         # Whole-head norms of the heads accepted in the last rounds, by kind: part of the median bound's reference.
         self.recent_norms: dict[str, deque[list[float]]] = {}
         self.eval_model = model.to(self.device)
@@ -82,7 +82,7 @@ class MasterWeights:
     def problem(self, result: HeadResult) -> str | None:
         """Why a head's result cannot be read (see `upload.problem`, `merge.replica_problem`), or None."""
         lte = self.cfg.lte
-        return (problem(result.upload, self.shapes, lte.rank, lte.mode == "resetless",
+        return (problem(result.upload, self.shapes, self.cfg.lora_rank, lte.mode == "resetless",
                         self.store.base_round(result.head_id))
                 or merge.replica_problem(result.replicas, self.state, self.quant_keys))
 

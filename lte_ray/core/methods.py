@@ -11,8 +11,11 @@ imported when a method runs, so the registry stays light enough for `lte-ray --h
               merge leaves the function unchanged, so this is exactly LoRA on the initial weights.
 * lora-merge: one head with batch N*b whose factors (and their optimizer state) are reset at
               every merge: ReLoRA-style, each merge adds a new rank-r update.
+* mhlora:     one head of rank N*r with batch N*b, never merged: multi-head LoRA, the official
+              LTE code's first debugging check (can the low-rank parameterization fit at all?).
 * full:       full-rank training of all weights with batch N*b (`core.baselines`).
 * galore:     full-rank with GaLore-projected gradients (`core.baselines`).
+* fira:       GaLore's projection plus the scaled, growth-limited residual (`core.fira`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class HeadsMethod(Method):
 
     one_head: bool = False  # one head with all heads' batch: the same steps and samples as LTE
     reset: bool = False  # factors and their optimizer state restart at every merge
+    all_ranks: bool = False  # the one head has the rank of all LTE heads together (multi-head LoRA)
 
     @property
     def on_ray(self) -> bool:
@@ -74,8 +78,12 @@ class HeadsMethod(Method):
     def lte_config(self, cfg: Config) -> Config:
         if not self.one_head:
             return cfg
+        rank = cfg.lora_rank * (cfg.lte.heads if self.all_ranks else 1)
         return cfg.replace({
             "lte.heads": 1, "train.batch_size": cfg.train.batch_size * cfg.lte.heads,
+            # The rank, s and learning rates of the LTE run it is compared with (the defaults follow the heads).
+            "lte.rank": rank, "lte.alpha": cfg.scaling * rank, "train.lr": cfg.factor_lr,
+            "train.full_lr": cfg.full_rank_lr,
             "lte.mode": "reset" if self.reset else "resetless",
             # Without resets the merges leave the function unchanged: with exact weights, plain LoRA.
             "lte.quant": cfg.lte.quant if self.reset else "none",
@@ -95,12 +103,12 @@ class HeadsMethod(Method):
 class FullRankMethod(Method):
     """One worker trains every weight (`core.baselines`); it has no heads, so it runs in-process."""
 
-    galore: bool = False  # the targeted weights' gradients projected to rank r
+    optimizer: str = "plain"  # of `core.baselines.OPTIMIZERS`: plain, or rank-r optimizer state (galore, fira)
 
     def run_local(self, cfg: Config, data: DataBundle, on_round: RoundCallback | None = None) -> RunResult:
         from lte_ray.core import baselines
 
-        return baselines.full_rank(cfg, data, baselines.galore if self.galore else baselines.plain, on_round)
+        return baselines.full_rank(cfg, data, baselines.OPTIMIZERS[self.optimizer], on_round)
 
 
 LTE = HeadsMethod("lte", "LoRA-the-Explorer: N heads on their own batches, merged every T steps",
@@ -110,13 +118,19 @@ LORA = HeadsMethod("lora", "one LoRA head of rank r on the initial weights (batc
 LORA_MERGE = HeadsMethod("lora-merge", "one LoRA head merged every T steps and restarted (ReLoRA-style)",
                          "one head's LoRA factors, reset with their optimizer state at every merge",
                          one_head=True, reset=True)
+MHLORA = HeadsMethod("mhlora", "one LoRA head of rank heads x r (batch N x b), never merged: the official LTE "
+                     "code's first check, can this low-rank parameterization fit at all",
+                     "one head's LoRA factors, of all heads' rank together", one_head=True, all_ranks=True)
 FULL = FullRankMethod("full", "full-rank AdamW, batch N x b, lr train.full_lr (default s x lr), in-process",
                       "every weight")
 GALORE = FullRankMethod("galore", "full-rank with GaLore-projected gradients, in-process",
                         "every weight; the targeted ones with rank-r optimizer state",
-                        needs=Package("galore_torch", "galore-torch"), galore=True)
+                        needs=Package("galore_torch", "galore-torch"), optimizer="galore")
+FIRA = FullRankMethod("fira", "full-rank with Fira: GaLore's projection plus the scaled residual, in-process",
+                      "every weight; the targeted ones with rank-r optimizer state and a norm-scaled residual",
+                      needs=Package("galore_torch", "galore-torch"), optimizer="fira")
 
-METHODS: dict[str, Method] = {m.name: m for m in (LTE, FULL, LORA, LORA_MERGE, GALORE)}
+METHODS: dict[str, Method] = {m.name: m for m in (LTE, FULL, LORA, LORA_MERGE, MHLORA, GALORE, FIRA)}
 
 
 def get_method(name: str) -> Method:

@@ -9,12 +9,17 @@ from typing import Iterable
 import torch
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
+def make_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], name: str, lr: float,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """`params`: parameters, or torch parameter groups; a group's "lr_scale" multiplies the
+    scheduled learning rate for it (`set_lr`)."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups if g["params"]]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
@@ -30,4 +35,4 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
