@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from lte_ray.config import parse_set, rounds_override
+    from lte_ray.config import load_yaml, parse_set, rounds_override
     from lte_ray.resolve import load_config
 
     overrides = parse_set(args.sets)
@@ -136,7 +136,11 @@ def config_from_args(args: argparse.Namespace):
     if args.rounds is not None:  # replaces a sample budget from the file too
         overrides.update(rounds_override(args.rounds))
     if args.resume:
-        return _unmasked(load_config(_resumable(args.resume), {**overrides, "output": args.resume}))
+        path = _resumable(args.resume)
+        stored = load_yaml(path).get("train") or {}
+        if "replica_lr" not in stored and stored.get("lr"):  # an older version's run: replicas trained at train.lr
+            overrides = {"train.replica_lr": stored["lr"], **overrides}
+        return _unmasked(load_config(path, {**overrides, "output": args.resume}))
     return _unmasked(load_config(args.config, overrides))
 
 

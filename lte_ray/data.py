@@ -29,6 +29,7 @@ from lte_ray import corpora
 from lte_ray.config import ConfigError, DataConfig, ModelConfig, one_of
 from lte_ray.core.protocol import Task
 from lte_ray.datasets import ArrayDataset, DataBundle, DataError, DataSpec, FolderDataset, TextDataset
+from lte_ray.errors import UserError
 from lte_ray.tokens import byte_tokens, char_tokens, open_tokens, read_corpus
 
 
@@ -155,7 +156,9 @@ def packaged_corpus(name: str) -> tuple[list[str], Callable[[list[str]], bytes]]
     """A packaged corpus for `lte-ray data prepare`: its files, and how they become its text."""
     if name == "kjv":
         return [corpora.kjv_path()], lambda _files: corpora.kjv_text()
-    return shakespeare_files(), read_corpus
+    if name == "shakespeare":
+        return shakespeare_files(), read_corpus
+    raise UserError(f"--corpus: must be shakespeare or kjv (got {name!r})")
 
 
 def _text(cfg: DataConfig, context: int, raw: bytes) -> DataBundle:

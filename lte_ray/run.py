@@ -81,7 +81,7 @@ class Run:
         tracking = ({"mlflow_run_id": self.tracker.run_id, "mlflow_uri": self.tracker.shown_uri}
                     if self.tracker else {})
         summary = self.out.finish({**result.summary(), **tracking, "config": redacted_config(self.cfg.to_dict()),
-                                   "recipe": self.cfg.recipe()},
+                                   "recipe": get_method(self.cfg.method).recipe(self.cfg)},
                                   result.state)
         if self.tracker:
             self.tracker.finish(self.out.dir, summary)

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lte_ray.config import Config
+from lte_ray.core.methods import get_method
 from lte_ray.core.protocol import RoundRecord
 from lte_ray.core.task import headline_metric
 from lte_ray.errors import UserError
@@ -91,7 +92,8 @@ class Tracker:
 
         self._writer = Writer(self.uri, connect, setup, Backlog(Path(output_dir) / "metrics.jsonl"))
         if run_id is None:
-            derived = {f"recipe.{k}": str(v) for k, v in cfg.recipe().items()}  # what the unset defaults resolved to
+            # what the unset defaults resolved to, for the method as it trains
+            derived = {f"recipe.{k}": str(v) for k, v in get_method(cfg.method).recipe(cfg).items()}
             items = [Param(k, v) for k, v in {**flatten(redacted_config(cfg.to_dict())), **derived}.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 self._writer.add_call(lambda c, r, chunk=items[i:i + 100]: c.log_batch(r, params=chunk))

@@ -232,6 +232,7 @@ def test_vary_crosses_items_and_zips_keys_joined_by_plus():
     out = varied(settings_for(["full", "lte"]), grid)
     assert [s.key for s in out][:2] == ["full", "lte@merge_every=5,rank=8,alpha=64"]  # full-rank stays once
     assert len(out) == 5 and out[1].overrides == {"method": "lte", **grid[0]}
-    for bad in ["lte.rank", "lte.rank+lte.alpha=8"]:
+    for bad in (["lte.rank"], ["lte.rank+lte.alpha=8"], ["lte.rank=8", "lte.rank+lte.alpha=16+128"]):
         with pytest.raises(UserError, match="--vary"):
-            parse_vary([bad])
+            parse_vary(bad)
+    assert parse_vary(["lte.rank=8,16,8"]) == [{"lte.rank": 8}, {"lte.rank": 16}]  # a point runs once

@@ -78,6 +78,7 @@ def test_the_default_recipe_follows_the_model():
     one = get_method("lora").lte_config(cfg)  # the single-head baselines keep the heads' rank and rates
     assert (one.lte.heads, one.lora_rank, one.scaling, one.factor_lr, one.full_rank_lr) == (1, 48, 8.0, 5e-4, 4e-3)
     assert get_method("mhlora").lte_config(cfg).lora_rank == 4 * 48
+    assert get_method("mhlora").recipe(cfg)["rank"] == 4 * 48 and get_method("full").recipe(cfg)["rank"] == 48
 
 
 def test_defaults_are_valid():
@@ -90,3 +91,15 @@ def test_digits_yaml_spells_out_the_defaults():
 
     path = Path(__file__).parents[1] / "jobs" / "configs" / "digits.yaml"
     assert load_config(str(path)) == build_config()
+
+
+def test_resuming_an_older_versions_run_keeps_its_replicas_rate(tmp_path, monkeypatch):
+    from lte_ray import cli
+
+    path = tmp_path / "config.yaml"
+    monkeypatch.setattr(cli, "_resumable", lambda run_dir: str(path))
+    args = cli.build_parser().parse_args(["train", "--resume", str(tmp_path)])
+    path.write_text("lte:\n  rank: 8\n  alpha: 64\ntrain:\n  lr: 5.0e-4\n")  # written before train.replica_lr
+    assert (cli.config_from_args(args).replica_lr, cli.config_from_args(args).full_rank_lr) == (5e-4, 4e-3)
+    path.write_text("lte:\n  rank: 8\n  alpha: 64\ntrain:\n  lr: 5.0e-4\n  replica_lr: null\n")  # this version's
+    assert cli.config_from_args(args).replica_lr == 4e-3

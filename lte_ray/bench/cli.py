@@ -22,8 +22,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          description="Train every setting on digits and MNIST (ViT), Shakespeare and the King James "
                                      "Bible (char-level GPT) with the same sample budget and evaluation points, over "
                                      "several seeds; write quality.json, quality.md and quality.png, and each run's "
-                                     "folder under runs/. With --vary, a sweep. Defaults take about an hour on 2 "
-                                     "CPU cores.")
+                                     "folder under runs/. With --vary, a sweep. Defaults take about 25 minutes on "
+                                     "2 CPU cores.")
     q.add_argument("--datasets", type=_csv, help="comma-separated: digits,mnist,shakespeare,kjv,shakespeare-nano "
                                                  "(default: all but shakespeare-nano)")
     q.add_argument("--methods", type=_csv, help="comma-separated setting keys: full,lora,lora-merge,mhlora,galore,"

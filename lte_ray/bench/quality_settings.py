@@ -144,7 +144,10 @@ def parse_vary(items: list[str]) -> list[dict[str, Any]]:
             if len(parts) != len(keys):
                 raise UserError(f"--vary {item}: {value!r} has {len(parts)} values for {len(keys)} keys")
             points.append({k: yaml.safe_load(p) for k, p in zip(keys, parts)})
-        axes.append(points)
+        seen = {k for axis in axes for k in axis[0]}
+        if seen & set(keys):
+            raise UserError(f"--vary {item}: {', '.join(sorted(seen & set(keys)))} is varied twice")
+        axes.append([dict(t) for t in dict.fromkeys(tuple(p.items()) for p in points)])  # each point once
     return [{k: v for point in combo for k, v in point.items()} for combo in itertools.product(*axes)]
 
 

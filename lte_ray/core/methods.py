@@ -59,6 +59,10 @@ class Method:
     def title(self, cfg: Config) -> str:
         return self.name
 
+    def recipe(self, cfg: Config) -> dict[str, float]:
+        """The rank, alpha and learning rates this method trains with (`Config.recipe`)."""
+        return cfg.recipe()
+
     def run_local(self, cfg: Config, data: DataBundle, on_round: RoundCallback | None = None) -> RunResult:
         raise NotImplementedError
 
@@ -92,6 +96,9 @@ class HeadsMethod(Method):
 
     def title(self, cfg: Config) -> str:
         return self.name if self.one_head else f"{self.name} x{cfg.lte.heads}"
+
+    def recipe(self, cfg: Config) -> dict[str, float]:
+        return self.lte_config(cfg).recipe()  # mhlora's one head: all heads' rank
 
     def run_local(self, cfg: Config, data: DataBundle, on_round: RoundCallback | None = None) -> RunResult:
         from lte_ray.core.reference import run_heads
