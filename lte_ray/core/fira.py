@@ -11,7 +11,7 @@ part of G outside the projection, which GaLore drops, is applied too:
 
 Written here on galore-torch's projector rather than taken from PyPI `fira` 1.0.2: that package
 imports `transformers` at import time (for a version check) and requires transformers,
-bitsandbytes and tensorly, for about 60 lines of optimizer. tests/test_fira.py checks a step
+bitsandbytes and tensorly, for one optimizer class. tests/test_fira.py checks a step
 against the equations above.
 """
 
