@@ -105,23 +105,20 @@ DATASETS = {
 DEFAULT_DATASETS = ("digits", "mnist", "shakespeare", "kjv")
 
 
+def _pick(flag: str, known: dict[str, Any], names: list[str] | None, default: tuple[str, ...]) -> list[Any]:
+    """The named entries of `known` (or the default ones); an unknown name is a one-line error."""
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise UserError(f"{flag}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    return [known[n] for n in names or default]
+
+
 def settings_for(keys: list[str] | None) -> list[Setting]:
-    known = {s.key: s for s in SETTINGS}
-    if keys:
-        unknown = [k for k in keys if k not in known]
-        if unknown:
-            raise UserError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
-        return [known[k] for k in keys]
-    return [known[k] for k in DEFAULT_SETTINGS]
+    return _pick("--methods", {s.key: s for s in SETTINGS}, keys, DEFAULT_SETTINGS)
 
 
 def datasets_for(names: list[str] | None) -> list[Dataset]:
-    if names:
-        unknown = [n for n in names if n not in DATASETS]
-        if unknown:
-            raise UserError(f"--datasets: unknown {', '.join(unknown)} (choose from {', '.join(DATASETS)})")
-        return [DATASETS[n] for n in names]
-    return [DATASETS[n] for n in DEFAULT_DATASETS]
+    return _pick("--datasets", DATASETS, names, DEFAULT_DATASETS)
 
 
 

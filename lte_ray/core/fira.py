@@ -36,6 +36,10 @@ class FiraAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:  # torch's optimizer protocol: re-evaluate the loss first
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -70,7 +74,7 @@ class FiraAdamW(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-step_size)
-        return None
+        return loss
 
     @staticmethod
     def _residual(state: dict[str, Any], grad: torch.Tensor, low: torch.Tensor, normalized: torch.Tensor,
