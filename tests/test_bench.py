@@ -3,9 +3,11 @@ finite metrics from every method; plus the arithmetic behind their tables."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lte_ray.bench.quality import DATASETS, SETTINGS, aggregate
 from lte_ray.bench.system import dp_allreduce_bytes, time_split
@@ -236,3 +238,44 @@ def test_vary_crosses_items_and_zips_keys_joined_by_plus():
         with pytest.raises(UserError, match="--vary"):
             parse_vary(bad)
     assert parse_vary(["lte.rank=8,16,8"]) == [{"lte.rank": 8}, {"lte.rank": 16}]  # a point runs once
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_bench_share_needs_a_gpu_and_says_so_in_one_line(capsys):
+    assert main(["bench", "share", "--heads", "1,2"]) == 2
+    assert capsys.readouterr().err.strip() == ("lte-ray: error: bench share: needs a CUDA GPU "
+                                               "(torch.cuda.is_available() is False here)")
+
+
+def test_bench_share_splits_one_gpu_between_the_coordinator_and_the_heads():
+    from lte_ray.bench.share import COORDINATOR_SHARE, gpu_split
+
+    for k in range(1, 17):
+        split = gpu_split(k)
+        assert split["ray.coordinator_gpus"] == COORDINATOR_SHARE > 0
+        assert k * split["ray.gpus_per_head"] + split["ray.coordinator_gpus"] <= 1.0
+
+
+@pytest.mark.parametrize("kind, name", [("share", "gpu_share"), ("system", "gpu_system_gpt_s"),
+                                        ("system", "gpu_system_vit_s")])
+def test_the_gpu_reports_in_the_docs_are_what_their_json_renders_to(kind, name):
+    """docs/bench holds what the H100 printed; the tables must be the code's rendering of the JSON."""
+    import importlib
+
+    bench = Path(__file__).resolve().parents[1] / "docs" / "bench"
+    report = json.loads((bench / f"{name}.json").read_text())
+    assert report["machine"]["gpu"] if kind == "system" else report["gpu"]
+    rendered = importlib.import_module(f"lte_ray.bench.{kind}").markdown(report)
+    assert rendered + "\n" == (bench / f"{name}.md").read_text()
+
+
+def test_the_gpu_quality_data_set_is_nanogpt_shakespeare_char_size_on_the_bench_grid():
+    from lte_ray.bench.quality import run_config
+    from lte_ray.bench.quality_settings import DATASETS, settings_for
+
+    ds = DATASETS["shakespeare-gpt-s"]
+    for setting in settings_for(["full", "lte"]):
+        cfg = run_config(ds, setting, 0, ds.budget, ds.evals, "cpu", budget_factor=2)
+        assert (cfg.model.width, cfg.model.depth, cfg.model.attn_heads, cfg.model.context) == (384, 6, 6, 256)
+        assert cfg.rounds * cfg.samples_per_round == ds.budget * (1 if setting.reference else 2)
+        assert cfg.full_rank_lr == 1e-3

@@ -53,3 +53,32 @@ def test_a_coordinator_that_cannot_see_the_output_folder_says_so(ray_cluster, ra
     monkeypatch.setattr(launch, "sign_output", lambda output: sign_output(output) + "-not-what-it-reads")
     with pytest.raises(UserError, match="put it on storage every node mounts"):
         train(ray_cfg(**{"ray.coordinator_gpus": 0.25}), run_name="output-unseen", output_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_local_run_asking_for_a_gpu_the_machine_lacks_stops_with_one_line(tmp_path):
+    """The local cluster a run starts has only this machine's GPUs; waiting for one would never end."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "lte_ray.cli", "train", "--rounds", "2", "--output", str(tmp_path),
+                           "--set", "ray.gpus_per_head=0.5"], capture_output=True, text=True, timeout=240, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lte-ray: error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors == ["lte-ray: error: ray.gpus_per_head: 0.5 GPU asked for, but the local Ray cluster has 0 GPU "
+                      "(torch sees no CUDA device here); set ray.gpus_per_head lower, or give ray.address of a "
+                      "cluster with GPUs"]
+
+
+@pytest.mark.parametrize("gpus, sets, problem", [
+    (0.0, {"ray.coordinator_gpus": 0.1}, "ray.coordinator_gpus: 0.1 GPU asked for, but the local Ray cluster has 0"),
+    (1.0, {"ray.gpus_per_head": 0.25, "ray.coordinator_gpus": 0.8}, "0.25 + 0.8 GPU do not fit on this machine's 1"),
+    (1.0, {"ray.gpus_per_head": 0.2, "ray.coordinator_gpus": 0.2}, None),
+    (0.0, {}, None)])
+def test_gpu_requests_are_checked_against_the_local_cluster(tiny_cfg, monkeypatch, gpus, sets, problem):
+    from lte_ray.runtime import launch
+
+    monkeypatch.setattr(launch.ray, "cluster_resources", lambda: {"CPU": 2.0, **({"GPU": gpus} if gpus else {})})
+    if problem is None:
+        launch._check_local_gpus(tiny_cfg(**sets))
+    else:
+        with pytest.raises(UserError, match=problem.replace("+", "\\+").replace(".", "\\.")):
+            launch._check_local_gpus(tiny_cfg(**sets))

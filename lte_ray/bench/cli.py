@@ -24,8 +24,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                      "several seeds; write quality.json, quality.md and quality.png, and each run's "
                                      "folder under runs/. With --vary, a sweep. Defaults take about 25 minutes on "
                                      "2 CPU cores.")
-    q.add_argument("--datasets", type=_csv, help="comma-separated: digits,mnist,shakespeare,kjv,shakespeare-nano "
-                                                 "(default: all but shakespeare-nano)")
+    q.add_argument("--datasets", type=_csv, help="comma-separated: digits,mnist,shakespeare,kjv,shakespeare-nano,"
+                                                 "shakespeare-gpt-s (default: the first four)")
     q.add_argument("--methods", type=_csv, help="comma-separated setting keys: full,lora,lora-merge,mhlora,galore,"
                                                 "fira,lte (the default) and lte-8,lte-t10")
     q.add_argument("--seeds", type=int, help="seeds per setting (default: 3 on digits, 2 on the others)")
@@ -103,6 +103,24 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="override any config field of every run, e.g. --set lte.heads=6 (repeatable)")
     c.add_argument("--output", default=None, help="folder (default: runs/bench-chaos-<time>)")
     c.set_defaults(func=cmd_bench_chaos)
+    g = kinds.add_parser("share", help="1..8 heads sharing one GPU against full-rank and the official batched heads",
+                         description="On a GPU machine: for each head count k, run the config on Ray with k heads at "
+                                     "(1 - 0.1) / k of the GPU each and the coordinator on 0.1 of it, and time a "
+                                     "full-rank AdamW worker on the whole GPU at the k heads' combined batch and, "
+                                     "with --anchor-src, the official LTE code's k batched heads in one process. "
+                                     "Writes share.json and share.md.")
+    g.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in digits config)")
+    g.add_argument("--preset", choices=["vit-s", "gpt-s"], help="model size on top of the config (as bench system)")
+    g.add_argument("--heads", type=_csv, default=["1", "2", "4", "8"], metavar="N1,N2",
+                   help="head counts (default: 1,2,4,8)")
+    g.add_argument("--rounds", type=int, default=20, help="rounds of each Ray run (default: 20; 2..R are timed)")
+    g.add_argument("--anchor-src", metavar="DIR",
+                   help="a checkout of github.com/minyoungg/LTE: also time its batched heads")
+    g.add_argument("--steps", type=int, default=30, help="timed steps of the full-rank and official runs (default: 30)")
+    g.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
+                   help="override any config field, e.g. --set train.precision=bf16 (repeatable)")
+    g.add_argument("--output", default=None, help="folder (default: runs/bench-share-<time>)")
+    g.set_defaults(func=cmd_bench_share)
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
@@ -166,6 +184,12 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
     return 0
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _counts(flag: str, items: list[str]) -> list[int]:
     try:
         values = [int(x) for x in items]
@@ -219,4 +243,31 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     if report["problems"]:
         print(f"lte-ray: bench chaos: {'; '.join(report['problems'])}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_bench_share(args: argparse.Namespace) -> int:
+    from lte_ray.bench.anchor import import_official_lte
+    from lte_ray.bench.share import bench_share, markdown
+    from lte_ray.bench.system import PRESETS
+    from lte_ray.config import parse_set, rounds_override
+    from lte_ray.outputs import default_output
+    from lte_ray.resolve import load_config
+    from lte_ray.run import loopback_if_local
+
+    heads = _counts("heads", args.heads)
+    if not torch_cuda_available():
+        raise UserError("bench share: needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    if args.rounds < 2 or args.steps < 1:
+        raise UserError(f"--rounds must be >= 2 and --steps >= 1 (got {args.rounds}, {args.steps})")
+    if args.anchor_src:
+        import_official_lte(args.anchor_src)  # a wrong folder is a one-line error before any run
+    cfg = load_config(args.config, {**PRESETS.get(args.preset, {}), **parse_set(args.sets),
+                                    **rounds_override(args.rounds)})
+    loopback_if_local(cfg)
+    output = args.output or str(default_output("bench-share"))
+    report = bench_share(cfg, output, heads, anchor_src=args.anchor_src, anchor_steps=args.steps,
+                         full_steps=args.steps)
+    print(markdown(report))
+    print(f"written: {output}/share.json, share.md", file=sys.stderr)
     return 0

@@ -3,9 +3,11 @@
 Memory is counted from the tensors themselves, so it is exact on any device: weights, LoRA
 factors and snapshots, gradients, optimizer state, and the activations autograd saved for
 backward (allocator slack and transient workspaces are not in it; on CUDA the allocator's
-measured peak is reported beside it). With activation checkpointing, autograd keeps only what
-lies outside the checkpointed blocks plus each block's input, and recomputes one block at a
-time in backward: the row adds the largest block's recomputed activations to what was kept.
+measured peak is reported beside it: `torch.cuda.max_memory_allocated` during the step, less
+what was allocated before it, plus the worker's own resident weights, factors and optimizer
+state, so the other workers alive on the same GPU are not counted). With activation
+checkpointing, autograd keeps only what lies outside the checkpointed blocks plus each block's
+input, and recomputes one block at a time in backward: the row adds the largest block's recomputed activations to what was kept.
 
 Rows: an LTE head with fp32, int8 and nf4 main weights (int8/nf4 kept packed) against a
 full-rank AdamW worker with the same per-worker batch, for each precision x checkpointing
@@ -90,10 +92,11 @@ def step_memory(model: nn.Module, opt: torch.optim.Optimizer, batch, packed: lis
             return loss_fn(model, x, y)
 
     saved: list[torch.Tensor] = []
-    if device.type == "cuda":
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":  # other workers' tensors live on the same GPU: count only what this step adds
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    opt.zero_grad(set_to_none=True)
+        allocated_before = torch.cuda.memory_allocated()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = loss_of()
     loss.backward()
@@ -115,8 +118,9 @@ def step_memory(model: nn.Module, opt: torch.optim.Optimizer, batch, packed: lis
     if checkpointing:
         out["activations"] += _largest_block(model, loss_of, seen)
     out["total"] = sum(out.values())
-    if device.type == "cuda":
-        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+    if device.type == "cuda":  # the allocator's peak during the step, over this worker's own resident tensors
+        resident = out["weights"] + out["lora_factors"] + out["optimizer_state"]
+        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated() - allocated_before + resident
     return out
 
 

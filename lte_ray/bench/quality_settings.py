@@ -101,6 +101,13 @@ DATASETS = {
                             "full-rank lr 4e-3 (the default)",
         {**_GPT, "model.depth": 4, "model.width": 128, "data.name": "shakespeare"},
         budget=25_600, evals=10, seeds=1, extra_metrics=("eval_bits_per_token",)),
+    "shakespeare-gpt-s": Dataset(
+        "shakespeare-gpt-s", "Shakespeare, char-level, at nanoGPT's shakespeare_char size (a GPU run): GPT depth 6 "
+                             "width 384 context 256, 6 attention heads, full-rank batch 64; full-rank lr 1e-3 "
+                             "(nanoGPT's for this size)",
+        {**_GPT, "model.name": "gpt_mini", "model.depth": 6, "model.width": 384, "model.attn_heads": 6,
+         "model.context": 256, "data.name": "shakespeare", "train.full_lr": 1e-3},
+        budget=128_000, evals=10, seeds=1, extra_metrics=("eval_bits_per_token",)),
 }
 DEFAULT_DATASETS = ("digits", "mnist", "shakespeare", "kjv")
 

@@ -31,7 +31,11 @@ def _int8_quantize(flat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Te
 
 
 def _int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    return (codes.float().view(-1, BLOCK) * (absmax[:, None] / 127)).flatten()
+    # Divide by a tensor on the same device, not by the number 127: CUDA turns a division by a
+    # CPU scalar into a multiplication by its reciprocal, one ulp off the CPU's true division, and
+    # heads on a GPU would then compute with other weights than heads on a CPU (tests/test_gpu.py).
+    scale = absmax / absmax.new_full((), 127.0)
+    return (codes.float().view(-1, BLOCK) * scale[:, None]).flatten()
 
 
 def int8_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,6 +68,21 @@ def connect(cfg: Config, address: str | None = None) -> bool:
     return True
 
 
+def _check_local_gpus(cfg: Config) -> None:
+    """A cluster this run started has only this machine's GPUs, and nothing will add more: asking for
+    GPUs it lacks would wait forever. (A cluster given by address may autoscale: not checked.)"""
+    have = ray.cluster_resources().get("GPU", 0.0)
+    for key, want in (("ray.gpus_per_head", cfg.ray.gpus_per_head), ("ray.coordinator_gpus", cfg.ray.coordinator_gpus)):
+        if want > have:
+            raise UserError(f"{key}: {want:g} GPU asked for, but the local Ray cluster has {have:g} GPU"
+                            + ("" if have else " (torch sees no CUDA device here)") + f"; set {key} lower, "
+                            "or give ray.address of a cluster with GPUs")
+    if cfg.ray.gpus_per_head and have and cfg.ray.gpus_per_head + cfg.ray.coordinator_gpus > have:
+        raise UserError(f"ray.gpus_per_head + ray.coordinator_gpus: {cfg.ray.gpus_per_head:g} + "
+                        f"{cfg.ray.coordinator_gpus:g} GPU do not fit on this machine's {have:g}: no head could "
+                        "start beside the coordinator")
+
+
 def coordinator_bundle(cfg: Config) -> int:
     """The coordinator's bundle in a Tune trial's placement group: its own (1) when it reserves
     anything, else the trial's (0)."""
@@ -109,6 +124,8 @@ def train(cfg: Config, *, run_name: str, output_dir: str, on_round: RoundCallbac
                 on_round(rec)
 
     try:
+        if started_local:
+            _check_local_gpus(run_cfg)
         if _named_actor_exists(run_name, cfg.ray.namespace):
             raise UserError(f"ray.run_name: a run named {run_name!r} is already running in namespace "
                             f"{cfg.ray.namespace!r}")
