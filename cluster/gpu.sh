@@ -12,7 +12,7 @@ lte() { python3 -m lte_ray.cli "$@"; }
 for step in "$@"; do
   start=$(date +%s)
   case $step in
-    tests) python3 -m pytest -m gpu tests/test_gpu.py tests/test_anchor.py -q -p no:cacheprovider -s 2>&1 | tee "$out/pytest_gpu.log" ;;
+    tests) python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -s 2>&1 | tee "$out/pytest_gpu.log" ;;
     workers)
       for preset in gpt-s vit-s; do
         lte bench system --preset "$preset" --only-workers --set train.device=cuda \
@@ -26,5 +26,8 @@ for step in "$@"; do
         --output "$out/quality" 2>&1 | tee "$out/quality.log" ;;
     *) echo "cluster/gpu.sh: unknown step $step (tests workers share quality)" >&2; exit 2 ;;
   esac
-  echo "== $step: $(( $(date +%s) - start )) s" | tee -a "$out/steps.log"
+  status=$?
+  [ $status -eq 0 ] || failed="${failed:-}$step "
+  echo "== $step: $(( $(date +%s) - start )) s, exit $status" | tee -a "$out/steps.log"
 done
+[ -z "${failed:-}" ] || { echo "cluster/gpu.sh: failed: $failed" >&2; exit 1; }

@@ -34,7 +34,8 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_payloads_cross_cpu_and_cuda_bit_for_bit(method):
-    state = _weights(seed=int(torch.randint(0, 2**31 - 1, ())))
+    seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh weights each run; a failure names its seed
+    state = _weights(seed)
     keys = [k for k in state if k.endswith(".weight")]
     on_cpu = quant.pack(state, keys, method)
     on_gpu = quant.pack({k: v.to(CUDA) for k, v in state.items()}, keys, method)  # a coordinator on a GPU
@@ -51,9 +52,9 @@ def test_payloads_cross_cpu_and_cuda_bit_for_bit(method):
             dense = quant.unpack(broadcast, device)
             packed = quant.packed_weights(broadcast, device)
             for k in state:
-                assert torch.equal(dense[k].cpu(), reference[k]), (method, k, device)
+                assert torch.equal(dense[k].cpu(), reference[k]), (method, k, device, seed)
                 if k in packed:  # what a head that keeps the weights packed dequantizes in each forward
-                    assert torch.equal(packed[k].dequantize().cpu(), reference[k]), (method, k, device)
+                    assert torch.equal(packed[k].dequantize().cpu(), reference[k]), (method, k, device, seed)
     reference = quant.unpack(on_cpu, "cpu")
     assert quant.relative_error(state["a.weight"], reference["a.weight"]) < (0.01 if method == "int8" else 0.15)
 
@@ -79,7 +80,6 @@ def test_a_head_keeping_packed_weights_trains_on_cuda_as_the_dense_head(tiny_cfg
         accepted, rejected, _ = master.accept([results[False]])
         assert not rejected
         master.merge(accepted)
-    assert heads[True].model is not heads[False].model
 
 
 def _name() -> str:

@@ -5,6 +5,7 @@ trial whose coordinator asks for a GPU: tests/test_tune.py.)"""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,14 +65,19 @@ def test_a_local_run_asking_for_a_gpu_the_machine_lacks_stops_with_one_line(tmp_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lte-ray: error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert errors == ["lte-ray: error: ray.gpus_per_head: 0.5 GPU asked for, but the local Ray cluster has 0 GPU "
-                      "(torch sees no CUDA device here); set ray.gpus_per_head lower, or give ray.address of a "
+                      "(Ray found none on this machine); set ray.gpus_per_head lower, or give ray.address of a "
                       "cluster with GPUs"]
 
 
 @pytest.mark.parametrize("gpus, sets, problem", [
     (0.0, {"ray.coordinator_gpus": 0.1}, "ray.coordinator_gpus: 0.1 GPU asked for, but the local Ray cluster has 0"),
-    (1.0, {"ray.gpus_per_head": 0.25, "ray.coordinator_gpus": 0.8}, "0.25 + 0.8 GPU do not fit on this machine's 1"),
-    (1.0, {"ray.gpus_per_head": 0.2, "ray.coordinator_gpus": 0.2}, None),
+    (1.0, {"lte.heads": 4, "ray.gpus_per_head": 0.25, "ray.coordinator_gpus": 0.2},
+     "4 heads at 0.25 GPU beside the coordinator's 0.2 do not fit on this machine's 1 GPU (Ray counts fractions "
+     "per GPU; 3 fit)"),
+    (1.0, {"lte.heads": 2, "ray.gpus_per_head": 0.6}, "2 heads at 0.6 GPU do not fit on this machine's 1 GPU"),
+    (2.0, {"lte.heads": 2, "ray.gpus_per_head": 0.6}, None),
+    (1.0, {"lte.heads": 4, "ray.gpus_per_head": 0.2, "ray.coordinator_gpus": 0.2}, None),
+    (2.0, {"lte.heads": 1, "ray.gpus_per_head": 2}, None),
     (0.0, {}, None)])
 def test_gpu_requests_are_checked_against_the_local_cluster(tiny_cfg, monkeypatch, gpus, sets, problem):
     from lte_ray.runtime import launch
@@ -80,5 +86,5 @@ def test_gpu_requests_are_checked_against_the_local_cluster(tiny_cfg, monkeypatc
     if problem is None:
         launch._check_local_gpus(tiny_cfg(**sets))
     else:
-        with pytest.raises(UserError, match=problem.replace("+", "\\+").replace(".", "\\.")):
+        with pytest.raises(UserError, match=re.escape(problem)):
             launch._check_local_gpus(tiny_cfg(**sets))

@@ -71,7 +71,8 @@ def import_official_lte(src: str) -> tuple[types.ModuleType, list[str]]:
     while it was imported (they leave sys.modules again right after)."""
     if not (Path(src) / "lte" / "__init__.py").is_file():
         raise UserError(f"anchor: no official LTE checkout at {src} (expected {src}/lte/__init__.py)")
-    if src not in sys.path:
+    added = src not in sys.path
+    if added:  # only for the import: a module of the checkout must not shadow an installed one later
         sys.path.insert(0, src)
     shims = _stand_ins()
     sys.modules.update(shims)
@@ -83,6 +84,8 @@ def import_official_lte(src: str) -> tuple[types.ModuleType, list[str]]:
     finally:
         for name in shims:
             sys.modules.pop(name, None)
+        if added:
+            sys.path.remove(src)
     return lte, sorted(n for n in shims if "." not in n)
 
 

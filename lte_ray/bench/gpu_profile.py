@@ -3,7 +3,9 @@
 For one LTE head (as a Ray head runs it, in this process) and one full-rank AdamW worker at the
 same per-worker batch: the wall time of a training step next to the time the GPU spent in
 kernels during it and the number of kernels launched (torch.profiler), and for the head the
-parts of a round: receive (unpack the broadcast, load, fold the snapshot), T steps, upload.
+parts of a round: receive (unpack the broadcast, load, fold the snapshot: the default
+reset-less mode), T steps, upload. The profiler slows what it watches: its wall times are
+higher than the round parts', which are timed without it.
 A step whose kernels keep the GPU busy for a small part of its wall time is bound by Python and
 kernel launches, not by the GPU: more processes on the GPU then mostly queue behind each other.
 """
@@ -55,7 +57,7 @@ def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: in
     from lte_ray.core.master import MasterWeights
     from lte_ray.core.optim import make_optimizer
     from lte_ray.core.precision import resolve_precision, set_matmul_precision
-    from lte_ray.models import build_model
+    from lte_ray.models import build_model, set_activation_checkpointing
 
     master, head = MasterWeights(cfg, data, device), Head(cfg, 0, data, device)
     broadcast = master.broadcast(full=True)
@@ -67,7 +69,6 @@ def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: in
                                                         head.lr_at, device, cfg.train.grad_clip, head.precision),
                                     device),
                  "upload_ms": _timed(lambda: head.upload(None), device)}
-        head.rounds_done += 1
         if r:  # the first round pays for kernels' first use
             for k, v in times.items():
                 parts[k].append(1000 * v)
@@ -79,6 +80,7 @@ def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: in
     precision = resolve_precision(cfg.train.precision, device)
     set_matmul_precision(precision, device)
     model = build_model(cfg.model, data.spec).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     opt = make_optimizer(model.parameters(), "adamw", cfg.full_rank_lr, cfg.train.weight_decay)
     batches = training_batches(data, cfg.train.batch_size, cfg.train.seed, pin_memory=device.type == "cuda")
     full_row = {"worker": "full-rank AdamW", "rank": None, "batch": cfg.train.batch_size,

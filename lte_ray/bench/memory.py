@@ -115,12 +115,14 @@ def step_memory(model: nn.Module, opt: torch.optim.Optimizer, batch, packed: lis
     seen = {ptr for k in kinds.values() for ptr in k} | {x.untyped_storage().data_ptr()}
     out = {k: sum(v.values()) for k, v in kinds.items()}
     out["activations"] = sum(n for p, n in _storages(saved).items() if p not in seen)
+    # the allocator's peak during the step, over this worker's own resident tensors; read before
+    # _largest_block, whose forward without checkpointing would set a peak of its own
+    peak = torch.cuda.max_memory_allocated() - allocated_before if device.type == "cuda" else None
     if checkpointing:
         out["activations"] += _largest_block(model, loss_of, seen)
     out["total"] = sum(out.values())
-    if device.type == "cuda":  # the allocator's peak during the step, over this worker's own resident tensors
-        resident = out["weights"] + out["lora_factors"] + out["optimizer_state"]
-        out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated() - allocated_before + resident
+    if peak is not None:
+        out["cuda_peak_allocated"] = peak + out["weights"] + out["lora_factors"] + out["optimizer_state"]
     return out
 
 

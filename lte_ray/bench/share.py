@@ -5,9 +5,10 @@ For each head count k:
   at c of it (merge, NF4 quantize, evaluation on the GPU); aggregate samples/s over rounds
   2..R (round 1 pays for actor start-up) and where a round's time goes (`bench.system`).
 * Full-rank: one AdamW worker on the whole GPU with the k heads' combined batch (k x the
-  per-head batch): samples/s of its optimizer steps, in this process.
+  per-head batch): its batch over its median step, in this process.
 * Official batched heads (`--anchor-src`, `bench.anchor`): the LTE authors' code training k
-  heads in one process with batched matmuls, the same model, rank and per-head batch.
+  heads in one process with batched matmuls, the same model, rank and per-head batch: its
+  samples over its whole timed stretch, its merges included.
 
 Every number is a training step that really ran on the GPU; nothing is extrapolated.
 """
@@ -43,12 +44,13 @@ def full_rank_throughput(cfg: Config, data: DataBundle, batch: int, steps: int, 
     from lte_ray.core.head import train_steps
     from lte_ray.core.optim import make_optimizer
     from lte_ray.core.precision import resolve_precision, set_matmul_precision
-    from lte_ray.models import build_model
+    from lte_ray.models import build_model, set_activation_checkpointing
 
     precision = resolve_precision(cfg.train.precision, device)
     set_matmul_precision(precision, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.spec).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as the heads and the anchor
     opt = make_optimizer(model.parameters(), "adamw", cfg.full_rank_lr, cfg.train.weight_decay)
     batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda")
     times = []

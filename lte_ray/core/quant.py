@@ -31,8 +31,8 @@ def _int8_quantize(flat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Te
 
 
 def _int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    # Divide by a tensor on the same device, not by the number 127: CUDA turns a division by a
-    # CPU scalar into a multiplication by its reciprocal, one ulp off the CPU's true division, and
+    # Divide by a tensor on the same device, not by the number 127: PyTorch's CUDA division turns a
+    # division by a CPU scalar into a multiplication by its reciprocal, one ulp off true division, and
     # heads on a GPU would then compute with other weights than heads on a CPU (tests/test_gpu.py).
     scale = absmax / absmax.new_full((), 127.0)
     return (codes.float().view(-1, BLOCK) * scale[:, None]).flatten()

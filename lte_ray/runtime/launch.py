@@ -68,19 +68,41 @@ def connect(cfg: Config, address: str | None = None) -> bool:
     return True
 
 
+def _take_gpu(free: list[float], want: float) -> bool:
+    """Place one actor's GPU request as Ray does: a fraction on one GPU, a whole number on whole GPUs."""
+    if want >= 1:
+        whole = [i for i, f in enumerate(free) if f >= 1 - 1e-9][:round(want)]
+        if len(whole) < round(want):
+            return False
+        for i in whole:
+            free[i] = 0.0
+        return True
+    slot = next((i for i, f in enumerate(free) if f + 1e-9 >= want), None)
+    if slot is not None:
+        free[slot] -= want
+    return slot is not None
+
+
 def _check_local_gpus(cfg: Config) -> None:
-    """A cluster this run started has only this machine's GPUs, and nothing will add more: asking for
-    GPUs it lacks would wait forever. (A cluster given by address may autoscale: not checked.)"""
+    """A cluster this run started has only this machine's GPUs, and nothing will add more: a request
+    that cannot be placed would wait forever, or leave heads pending without a word. (A cluster
+    given by address may autoscale: not checked.)"""
     have = ray.cluster_resources().get("GPU", 0.0)
-    for key, want in (("ray.gpus_per_head", cfg.ray.gpus_per_head), ("ray.coordinator_gpus", cfg.ray.coordinator_gpus)):
+    coordinator, per_head, heads = cfg.ray.coordinator_gpus, cfg.ray.gpus_per_head, cfg.lte.heads
+    for key, want in (("ray.gpus_per_head", per_head), ("ray.coordinator_gpus", coordinator)):
         if want > have:
             raise UserError(f"{key}: {want:g} GPU asked for, but the local Ray cluster has {have:g} GPU"
-                            + ("" if have else " (torch sees no CUDA device here)") + f"; set {key} lower, "
+                            + ("" if have else " (Ray found none on this machine)") + f"; set {key} lower, "
                             "or give ray.address of a cluster with GPUs")
-    if cfg.ray.gpus_per_head and have and cfg.ray.gpus_per_head + cfg.ray.coordinator_gpus > have:
-        raise UserError(f"ray.gpus_per_head + ray.coordinator_gpus: {cfg.ray.gpus_per_head:g} + "
-                        f"{cfg.ray.coordinator_gpus:g} GPU do not fit on this machine's {have:g}: no head could "
-                        "start beside the coordinator")
+    free = [1.0] * int(have)
+    if coordinator and not _take_gpu(free, coordinator):
+        raise UserError(f"ray.coordinator_gpus: {coordinator:g} GPU does not fit on one of this machine's GPUs")
+    fit = sum(_take_gpu(free, per_head) for _ in range(heads)) if per_head else heads
+    if fit < heads:
+        beside = f" beside the coordinator's {coordinator:g}" if coordinator else ""
+        raise UserError(f"ray.gpus_per_head: {heads} heads at {per_head:g} GPU{beside} do not fit on this "
+                        f"machine's {have:g} GPU (Ray counts fractions per GPU; {fit} fit); lower "
+                        "ray.gpus_per_head or lte.heads")
 
 
 def coordinator_bundle(cfg: Config) -> int:
