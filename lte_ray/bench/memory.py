@@ -7,7 +7,8 @@ measured peak is reported beside it: `torch.cuda.max_memory_allocated` during th
 what was allocated before it, plus the worker's own resident weights, factors and optimizer
 state, so the other workers alive on the same GPU are not counted). With activation
 checkpointing, autograd keeps only what lies outside the checkpointed blocks plus each block's
-input, and recomputes one block at a time in backward: the row adds the largest block's recomputed activations to what was kept.
+input, and recomputes one block at a time in backward: the row adds the largest block's
+recomputed activations to what was kept.
 
 Rows: an LTE head with fp32, int8 and nf4 main weights (int8/nf4 kept packed) against a
 full-rank AdamW worker with the same per-worker batch, for each precision x checkpointing
