@@ -18,7 +18,6 @@ import importlib.util
 import statistics
 import subprocess
 import sys
-import time
 import types
 import warnings
 from pathlib import Path
@@ -122,6 +121,7 @@ def batched_heads_throughput(cfg: Config, data: DataBundle, heads: int, steps: i
     per head. `mode`: the official "ddp" (batched heads, the default) or "dmp" (one main-weight
     copy per head, heads looped; CUDA only)."""
     from lte_ray.batches import training_batches
+    from lte_ray.bench.gpu_profile import timed
     from lte_ray.core.head import train_steps
     from lte_ray.core.precision import resolve_precision, set_matmul_precision
     from lte_ray.models import build_model, set_activation_checkpointing
@@ -166,15 +166,12 @@ def batched_heads_throughput(cfg: Config, data: DataBundle, heads: int, steps: i
     def lr_at(step: int) -> float:  # constant: no schedule in a throughput run
         return cfg.factor_lr
 
-    def one_step() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step() -> None:
         train_steps(model, opt, batches, range(1), lr_at, device, cfg.train.grad_clip, precision)
         merger.step()  # the official merge trigger: merges every LTE and replica layer every T calls
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+
+    def one_step() -> float:
+        return timed(step, device)
 
     for _ in range(2):  # warm-up: allocator, kernels, optimizer state
         one_step()

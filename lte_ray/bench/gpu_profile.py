@@ -27,7 +27,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `fn` took, its CUDA work included (synchronised before and after)."""
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -43,7 +44,7 @@ def kernel_profile(step: Callable[[], Any], device: torch.device, steps: int = 5
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        wall = sum(_timed(step, device) for _ in range(steps))
+        wall = sum(timed(step, device) for _ in range(steps))
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.time_range.elapsed_us() for e in kernels)
     return {"wall_ms": 1000 * wall / steps, "gpu_kernel_ms": busy_us / 1000 / steps,
@@ -64,11 +65,11 @@ def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: in
     parts: dict[str, list[float]] = {"receive_ms": [], "steps_ms": [], "upload_ms": []}
     t = cfg.lte.merge_every
     for r in range(rounds + 1):
-        times = {"receive_ms": _timed(lambda: head.receive(broadcast), device),
-                 "steps_ms": _timed(lambda: train_steps(head.model, head.opt, head.batches, range(r * t, (r + 1) * t),
+        times = {"receive_ms": timed(lambda: head.receive(broadcast), device),
+                 "steps_ms": timed(lambda: train_steps(head.model, head.opt, head.batches, range(r * t, (r + 1) * t),
                                                         head.lr_at, device, cfg.train.grad_clip, head.precision),
                                     device),
-                 "upload_ms": _timed(lambda: head.upload(None), device)}
+                 "upload_ms": timed(lambda: head.upload(None), device)}
         if r:  # the first round pays for kernels' first use
             for k, v in times.items():
                 parts[k].append(1000 * v)

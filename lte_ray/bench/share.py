@@ -41,6 +41,7 @@ def gpu_split(heads: int) -> dict[str, float]:
 def full_rank_throughput(cfg: Config, data: DataBundle, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Samples/s of a full-rank AdamW worker at `batch` (median of `steps` timed steps after two untimed)."""
     from lte_ray.batches import training_batches
+    from lte_ray.bench.gpu_profile import timed
     from lte_ray.core.head import train_steps
     from lte_ray.core.optim import make_optimizer
     from lte_ray.core.precision import resolve_precision, set_matmul_precision
@@ -56,16 +57,11 @@ def full_rank_throughput(cfg: Config, data: DataBundle, batch: int, steps: int, 
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(steps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_steps(model, opt, batches, range(1), lambda step: cfg.full_rank_lr, device, cfg.train.grad_clip,
-                    precision)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for i in range(steps + 2):  # the first two untimed
+        seconds = timed(lambda: train_steps(model, opt, batches, range(1), lambda step: cfg.full_rank_lr, device,
+                                            cfg.train.grad_clip, precision), device)
         if i >= 2:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     step = statistics.median(times)
     return {"batch": batch, "step_seconds": step, "samples_per_s": batch / step, "precision": precision,
             "cuda_peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
