@@ -14,10 +14,12 @@ for step in "$@"; do
   case $step in
     tests) python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -s 2>&1 | tee "$out/pytest_gpu.log" ;;
     workers)
+      rc=0
       for preset in gpt-s vit-s; do
-        lte bench system --preset "$preset" --only-workers --set train.device=cuda \
-          --precisions tf32,bf16 --checkpointing off,on --output "$out/system-$preset" 2>&1 | tee "$out/system-$preset.log"
-      done ;;
+        lte bench system --preset "$preset" --only-workers --set train.device=cuda --precisions tf32,bf16 \
+          --checkpointing off,on --output "$out/system-$preset" 2>&1 | tee "$out/system-$preset.log" || rc=1
+      done
+      (exit $rc) ;;
     share)
       lte bench share --preset gpt-s --heads 1,2,4,8 --rounds "${ROUNDS:-20}" ${ANCHOR:+--anchor-src "$ANCHOR"} \
         --set train.device=cuda --output "$out/share" 2>&1 | tee "$out/share.log" ;;
