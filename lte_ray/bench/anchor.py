@@ -114,22 +114,16 @@ def _replica_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def batched_heads_throughput(cfg: Config, data: DataBundle, heads: int, steps: int, src: str,
-                             device: torch.device, precision: str = "fp32",
-                             mode: str = "ddp") -> dict[str, Any]:
+                             device: torch.device, precision: str = "fp32") -> dict[str, Any]:
     """Time `steps` optimizer steps of `heads` official LTE heads (rank `cfg.lora_rank`, alpha
     `cfg.lora_alpha`, merge every `cfg.lte.merge_every` steps), `cfg.train.batch_size` samples
-    per head. `mode`: the official "ddp" (batched heads, the default) or "dmp" (one main-weight
-    copy per head, heads looped; CUDA only)."""
+    per head, in the official "ddp" mode (batched heads)."""
     from lte_ray.batches import training_batches
     from lte_ray.bench.gpu_profile import timed
     from lte_ray.core.head import train_steps
     from lte_ray.core.precision import resolve_precision, set_matmul_precision
     from lte_ray.models import build_model, set_activation_checkpointing
 
-    if mode not in ("ddp", "dmp"):
-        raise UserError(f"anchor: mode must be 'ddp' or 'dmp' (got {mode!r})")
-    if mode == "dmp" and device.type != "cuda":
-        raise UserError("anchor: the official dmp mode needs a CUDA device")
     if heads < 1 or steps < 1:
         raise UserError(f"anchor: heads and steps must be >= 1 (got {heads}, {steps})")
     lte, stand_ins = import_official_lte(src)
@@ -148,7 +142,7 @@ def batched_heads_throughput(cfg: Config, data: DataBundle, heads: int, steps: i
         warnings.simplefilter("ignore")
         model = lte.prepare_model_for_lte(
             model, lte.LTEConfig.default(lora_r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, num_heads=heads),
-            replica_layers=replicas, mode=mode, strict=False)
+            replica_layers=replicas, mode="ddp", strict=False)
     model = model.to(device)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
 
@@ -170,14 +164,11 @@ def batched_heads_throughput(cfg: Config, data: DataBundle, heads: int, steps: i
         train_steps(model, opt, batches, range(1), lr_at, device, cfg.train.grad_clip, precision)
         merger.step()  # the official merge trigger: merges every LTE and replica layer every T calls
 
-    def one_step() -> float:
-        return timed(step, device)
-
     for _ in range(2):  # warm-up: allocator, kernels, optimizer state
-        one_step()
+        step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = [one_step() for _ in range(steps)]
+    times = [timed(step, device) for _ in range(steps)]
     per_step = heads * cfg.train.batch_size
     return {
         "heads": heads, "rank": cfg.lora_rank, "steps": steps, "per_head_batch": cfg.train.batch_size,
@@ -185,7 +176,7 @@ def batched_heads_throughput(cfg: Config, data: DataBundle, heads: int, steps: i
         "step_seconds": statistics.median(times),
         "cuda_peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "source_commit": source_commit(src),
-        "mode": mode, "merge_every": cfg.lte.merge_every, "precision": precision,
+        "mode": "ddp", "merge_every": cfg.lte.merge_every, "precision": precision,
         "lte_layers": sum(isinstance(m, lte.LTELayer) for m in model.modules()),
         "replica_layers": len(replicas), "stand_ins": stand_ins,
     }
