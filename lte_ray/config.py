@@ -144,8 +144,14 @@ class RayConfig(_Section):
     # arrival time (+0.5 s; a head's first round is waited for), then merge without the rest.
     # None: wait for every head, up to round_timeout_s.
     straggler_grace: float | None = Field(2.0, ge=1)
-    max_late_rounds: int = Field(3, ge=1)  # a head late this many rounds in a row is replaced
+    # a head late this many rounds in a row (a round it sits out, still busy with a late task, counts) is replaced
+    max_late_rounds: int = Field(3, ge=1)
+    # a head whose uploads were rejected this many rounds in a row is replaced (a joiner: dropped)
+    max_rejected_rounds: int = Field(3, ge=1)
     max_start_failures: int = Field(3, ge=0)  # heads that fail to start mid-run before no more are tried
+    # heads started ahead of need, warm, each taking a lost head's place at the next round (each
+    # reserves a head's CPUs and GPU share)
+    spare_heads: int = Field(0, ge=0)
     start_grace_s: float = Field(30.0, ge=0)  # at start, how long to wait for heads beyond the quorum
     checkpoint_every: int = Field(1, ge=1)  # rounds
     max_delta_ratio: float | None = Field(5.0, gt=0)  # bound a head's |D|_F by ratio * |W|_F

@@ -93,7 +93,7 @@ def check_space(base: Config, grid: list[str], choice: list[str]) -> None:
 
 
 def trial_resources(base: Config):
-    """Placement group of one trial: its driver + coordinator, then one bundle per head."""
+    """Placement group of one trial: its driver + coordinator, then one bundle per head and spare."""
     def resources(params: dict[str, Any]):
         cfg = base.replace(params)
         head = {"CPU": cfg.ray.cpus_per_head}
@@ -104,7 +104,7 @@ def trial_resources(base: Config):
         # Bundle 0 is all the trainable's (Tune gives it the whole first bundle): a coordinator that
         # reserves CPUs or GPUs gets bundle 1, or it would wait forever for what the trainable holds.
         bundles = [{"CPU": TRIAL_DRIVER_CPUS}] + ([coordinator] if coordinator else [])
-        return tune.PlacementGroupFactory(bundles + [dict(head) for _ in range(heads)])
+        return tune.PlacementGroupFactory(bundles + [dict(head) for _ in range(heads + cfg.ray.spare_heads)])
 
     return resources
 

@@ -19,6 +19,29 @@ def test_digits_split_is_fixed_and_disjoint():
     assert a.spec == DataSpec(task="classify", num_classes=10, in_chans=1, img_size=8)
 
 
+def test_digits_read_without_importing_sklearn_are_load_digits():
+    from sklearn.datasets import load_digits
+
+    from lte_ray.data import digits_arrays
+
+    images, labels = digits_arrays()
+    d = load_digits()
+    assert np.array_equal(images, d.images) and np.array_equal(labels, d.target) and labels.dtype == np.int64
+
+
+def test_a_head_starts_ready_for_its_first_round():
+    """Every head waits for a new head's first round: what that round would import (bitsandbytes
+    for NF4, seconds) is imported while the head starts; what it never needs (scikit-learn for
+    the digits) is not imported at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lte_ray.resolve import build_config; from lte_ray.core.head import Head; "
+            "Head(build_config(), 0, device='cpu'); print('sklearn' in sys.modules, 'bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "False True\n"
+
+
 def test_npz_nhwc_uint8_with_test_split(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "d.npz"

@@ -77,6 +77,8 @@ def test_a_local_run_asking_for_a_gpu_the_machine_lacks_stops_with_one_line(tmp_
     (1.0, {"lte.heads": 2, "ray.gpus_per_head": 0.6}, "2 heads at 0.6 GPU do not fit on this machine's 1 GPU"),
     (2.0, {"lte.heads": 2, "ray.gpus_per_head": 0.6}, None),
     (1.0, {"lte.heads": 4, "ray.gpus_per_head": 0.2, "ray.coordinator_gpus": 0.2}, None),
+    (1.0, {"lte.heads": 4, "ray.gpus_per_head": 0.2, "ray.coordinator_gpus": 0.2, "ray.spare_heads": 1},
+     "5 heads (spares included: ray.spare_heads=1) at 0.2 GPU beside the coordinator's 0.2 do not fit"),
     (2.0, {"lte.heads": 1, "ray.gpus_per_head": 2}, None),
     (0.0, {}, None)])
 def test_gpu_requests_are_checked_against_the_local_cluster(tiny_cfg, monkeypatch, gpus, sets, problem):

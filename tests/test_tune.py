@@ -46,3 +46,10 @@ def test_bad_sweep_values_fail_before_any_trial(capsys):
     assert "expected section.key=LOW,HIGH" in capsys.readouterr().err
     assert main(["tune"]) == 2
     assert "nothing to sweep" in capsys.readouterr().err
+
+
+def test_a_trial_reserves_a_bundle_per_head_and_spare(tiny_cfg):
+    from lte_ray.tune import trial_resources
+
+    pgf = trial_resources(tiny_cfg(**{"lte.heads": 2, "ray.spare_heads": 1, "ray.cpus_per_head": 0.5}))({})
+    assert pgf.bundles == [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}]  # trial + 2 heads + 1 spare

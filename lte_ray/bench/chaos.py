@@ -89,7 +89,8 @@ def bench_chaos(output: str, rounds: int | None = None, nodes: int = 3, scenario
         progress(f"bench chaos: {scenario} ({rounds} rounds, {nodes} nodes)...")
         runs.append(run_scenario(scenario, out / scenario, rounds, nodes, dict(overrides or {})))
         progress(f"bench chaos: {scenario}: accuracy {runs[-1]['eval_accuracy']}, {runs[-1]['wall_seconds']} s")
-    report = {"machine": machine(), "rounds": rounds, "nodes": nodes, "runs": runs,
+    spares = build_config({}, dict(overrides or {})).ray.spare_heads
+    report = {"machine": machine(), "rounds": rounds, "nodes": nodes, "spare_heads": spares, "runs": runs,
               "targets": {"accuracy_points": ACCURACY_POINTS, "wall_ratio": WALL_RATIO,
                           "straggler_wall_ratio": STRAGGLER_WALL_RATIO}}
     report["problems"] = problems(report)
@@ -125,6 +126,7 @@ def _what_happened(r: dict[str, Any]) -> str:
     c = r["counters"]
     parts = [f"{c['heads_lost']} heads lost", f"{c['heads_joined']} joined mid-run", f"{c['late_results']} late",
              f"{c['heads_replaced_late']} replaced for lateness", f"{c['heads_rejected']} uploads rejected",
+             f"{c.get('heads_replaced_rejected', 0)} replaced for rejections",
              f"{c['heads_clipped']} clipped", f"{c['heads_reset']} restarted fresh",
              f"{c['coordinator_restarts']} coordinator restarts"]
     return ", ".join(p for p in parts if not p.startswith("0 "))
@@ -141,8 +143,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['wall_seconds']:.1f}",
                      ratio, f"{r['mlflow_points']} ({r['mlflow_steps_twice']} twice)",
                      _what_happened(r) or "nothing"])
-    lines = [f"Machine: {machine_line(report['machine'])}. {report['rounds']} rounds of the default digits run on "
-             f"{report['nodes']} Ray nodes on 127.0.0.1.", "",
+    spares = report.get("spare_heads", 0)
+    lines = [f"Machine: {machine_line(report['machine'])}. {report['rounds']} rounds of the default digits run"
+             + (f" with {spares} spare head{'s' if spares > 1 else ''}" if spares else "")
+             + f" on {report['nodes']} Ray nodes on 127.0.0.1.", "",
              markdown_table(["scenario", "rounds merged", "samples merged", "merged rounds lost", "rounds redone",
                              "final accuracy",
                              "wall s", "wall vs calm", "MLflow points", "what happened"], rows)]

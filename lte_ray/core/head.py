@@ -86,6 +86,7 @@ class Head:
         self.last_round: int | None = None  # the round of its last upload
         self.received = False  # has it had a full broadcast yet?
         self.tamper: Callable[[nn.Module], None] | None = None  # fault injection: changes factors before upload
+        quant.prepare(cfg.lte.quant)  # while the head starts, not in its first round
 
     def receive(self, broadcast: Broadcast, fresh: bool = False) -> None:
         """Start a round from the merged weights: the head's output now equals the merged model's.

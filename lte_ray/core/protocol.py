@@ -178,6 +178,7 @@ class RunCounters:
     heads_clipped: int = 0  # results merged with an update clipped to the robust bound
     heads_reset: int = 0  # heads told to restart from fresh factors after a rejected upload
     heads_replaced_late: int = 0  # heads late `ray.max_late_rounds` rounds in a row, replaced
+    heads_replaced_rejected: int = 0  # heads rejected `ray.max_rejected_rounds` rounds in a row, replaced or dropped
     start_failures: int = 0  # heads that could not start once the run had begun
     coordinator_restarts: int = 0  # the driver restarted a dead coordinator from its checkpoint
 

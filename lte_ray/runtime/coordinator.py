@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lte_ray.checkpoint import load_checkpoint, save_checkpoint
 from lte_ray.config import Config
+from lte_ray.core import quant
 from lte_ray.core.history import History
 from lte_ray.core.master import MasterWeights
 from lte_ray.core.protocol import RoundRecord, RunCounters, RunResult
@@ -153,6 +154,8 @@ class Coordinator:
         cfg = self.cfg
         failed = 0
         try:  # whatever happens, the heads this coordinator started are stopped at the end
+            # bitsandbytes' import (seconds) overlaps the heads' start, not the first round's quantize
+            threading.Thread(target=quant.prepare, args=(cfg.lte.quant,), daemon=True).start()
             # Start once a quorum is up; heads the cluster cannot fit yet join when it grows.
             self.members.start(self.round + 1)
             while self.round < cfg.rounds:
@@ -203,6 +206,7 @@ class Coordinator:
                                                store.base_round(m.head_id), m.reset_next): m for m in active}
         for m in active:
             m.reset_next = False
+        self.members.sitting_out()
         self._start_tail()  # the last round's evaluation and checkpoint overlap these heads, not the quantize
         got = gather(futures, self.members, self.master, r, cfg)  # as results arrive, while slower heads train
         for f in got.late:
@@ -223,8 +227,10 @@ class Coordinator:
                 reject(by_id[head_id], why, r, self.members, self.master)
             else:  # over a bound: left out of this round, factors kept (it sends them all next time)
                 log.warning("round %d: rejected head %d: %s", r + 1, head_id, why)
+                self.members.on_rejected(by_id[head_id])
         for d in accepted:
             by_id[d.result.head_id].young_rounds += 1
+            self.members.on_accepted(by_id[d.result.head_id])
             if d.clipped:
                 log.warning("round %d: clipped head %d: %s", r + 1, d.result.head_id, d.clipped)
                 self.counters.heads_clipped += 1

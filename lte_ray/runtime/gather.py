@@ -110,3 +110,4 @@ def reject(m: Member, why: str, round_idx: int, members: Membership, master: Mas
     m.reset_next = True
     m.young_rounds = YOUNG_ROUNDS  # a head that sent NaN or garbage is not given a young head's leeway
     members.counters.heads_reset += 1
+    members.on_rejected(m)

@@ -61,9 +61,10 @@ def connect(cfg: Config, address: str | None = None) -> bool:
             raise UserError(f"ray.address: cannot connect to Ray at {redact(address)!r}: {scrub(str(e), address)}") \
                 from None
         return False
-    # A local cluster for this run, with enough logical CPUs for every head. (`lte-ray train`
+    # A local cluster for this run, with enough logical CPUs for every head and spare. (`lte-ray train`
     # sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported so it binds to 127.0.0.1.)
-    cpus = max(os.cpu_count() or 1, math.ceil(cfg.lte.heads * cfg.ray.cpus_per_head + cfg.ray.coordinator_cpus))
+    heads = cfg.lte.heads + cfg.ray.spare_heads
+    cpus = max(os.cpu_count() or 1, math.ceil(heads * cfg.ray.cpus_per_head + cfg.ray.coordinator_cpus))
     ray.init(address="local", num_cpus=cpus, namespace=cfg.ray.namespace, include_dashboard=False)
     return True
 
@@ -88,7 +89,7 @@ def _check_local_gpus(cfg: Config) -> None:
     that cannot be placed would wait forever, or leave heads pending without a word. (A cluster
     given by address may autoscale: not checked.)"""
     have = ray.cluster_resources().get("GPU", 0.0)
-    coordinator, per_head, heads = cfg.ray.coordinator_gpus, cfg.ray.gpus_per_head, cfg.lte.heads
+    coordinator, per_head, heads = cfg.ray.coordinator_gpus, cfg.ray.gpus_per_head, cfg.lte.heads + cfg.ray.spare_heads
     for key, want in (("ray.gpus_per_head", per_head), ("ray.coordinator_gpus", coordinator)):
         if want > have:
             raise UserError(f"{key}: {want:g} GPU asked for, but the local Ray cluster has {have:g} GPU"
@@ -100,7 +101,8 @@ def _check_local_gpus(cfg: Config) -> None:
     fit = sum(_take_gpu(free, per_head) for _ in range(heads)) if per_head else heads
     if fit < heads:
         beside = f" beside the coordinator's {coordinator:g}" if coordinator else ""
-        raise UserError(f"ray.gpus_per_head: {heads} heads at {per_head:g} GPU{beside} do not fit on this "
+        spares = f" (spares included: ray.spare_heads={cfg.ray.spare_heads})" if cfg.ray.spare_heads else ""
+        raise UserError(f"ray.gpus_per_head: {heads} heads{spares} at {per_head:g} GPU{beside} do not fit on this "
                         f"machine's {have:g} GPU (Ray counts fractions per GPU; {fit} fit); lower "
                         "ray.gpus_per_head or lte.heads")
 

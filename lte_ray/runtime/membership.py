@@ -4,9 +4,17 @@ ones, heads still waiting for the cluster to fit them, and heads joining from ot
 Membership changes only at round boundaries (`admit`). A head whose process dies is dropped and,
 if the coordinator started it, replaced; the replacement joins when it is up (maybe once the
 cluster grows). A head still running a late task is left alone until it ends (staleness 0); one
-late `ray.max_late_rounds` rounds in a row is replaced. A head that cannot start once the run has
-begun (a node without the data, say) is a lost head: after `ray.max_start_failures` such heads
-no more are tried, and the run goes on with those it has.
+late `ray.max_late_rounds` rounds in a row is replaced, and the rounds it sits out still busy count
+(a 10x straggler is gone after 3 rounds, not 3 late tasks of 10 rounds each). A head whose uploads
+were rejected `ray.max_rejected_rounds` rounds in a row (a bad actor, or a head that keeps
+diverging) is replaced too: its slot goes to a head that can contribute. A head that cannot start
+once the run has begun (a node without the data, say) is a lost head: after
+`ray.max_start_failures` such heads no more are tried, and the run goes on with those it has.
+
+Spares (`ray.spare_heads`): heads started ahead of need that build their data and model and wait.
+A lost head's place goes to a spare, warm ones first, which takes part from the next round
+boundary instead of after a process start (imports, data, model: seconds, more on a loaded node);
+a new spare is started behind it.
 
 Head ids are assigned here, never by a caller: a joiner asks for a ticket (`issue_ticket`) and
 can add a head only under an id it was issued, once, so nobody can replace another's head.
@@ -41,11 +49,13 @@ class Member:
     busy: Any = None  # ObjectRef of a late train_round still running
     info: dict | None = None
     initialized: bool = False  # has it completed a round (and so holds the full state)?
-    late_streak: int = 0  # rounds in a row it missed the deadline
+    late_streak: int = 0  # rounds in a row it missed the deadline or sat out, still busy
+    rejected_streak: int = 0  # rounds in a row its upload was left out
     reset_next: bool = False  # its last upload was rejected: it starts the next round from fresh factors
     # Its accepted uploads, counted while it is young (`core.robust`): new to the run, over the median bound
     # its upload is clipped to the median head's, not refused.
     young_rounds: int = 0
+    spare: bool = False  # started ahead of need: it waits, warm, to take a lost head's place
 
     @property
     def young(self) -> bool:
@@ -53,7 +63,7 @@ class Member:
 
     @property
     def active(self) -> bool:
-        return self.ready is None and self.busy is None
+        return self.ready is None and self.busy is None and not self.spare
 
 
 class Membership:
@@ -75,7 +85,7 @@ class Membership:
         with self.lock:
             if self.done:
                 return "the run has finished"
-            if len(self.members) + len(self.tickets) >= self.cfg.head_cap:
+            if len(self._heads()) + len(self.tickets) >= self.cfg.head_cap:
                 return f"the run is at its cap of {self.cfg.head_cap} heads (ray.max_heads)"
             hid = self._new_head_id()
             self.tickets.add(hid)
@@ -94,14 +104,18 @@ class Membership:
             log.info("head %d asked to join; it takes part from the next round", head_id)
             return None
 
-    def spawn(self) -> None:
+    def _heads(self) -> list[Member]:
+        """The members that train or will (every one but the spares)."""
+        return [m for m in self.members.values() if not m.spare]
+
+    def spawn(self, spare: bool = False) -> None:
         with self.lock:
             hid = self._new_head_id()
             handle = head_actor(self.cfg, hid, **self.head_options)
-            self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote())
+            self.members[hid] = Member(hid, handle, spawned=True, ready=handle.info.remote(), spare=spare)
 
     def lose(self, m: Member, why: str, replace: bool = True) -> None:
-        log.warning("head %d lost (%s)", m.head_id, why)
+        log.warning("%s %d lost (%s)", "spare head" if m.spare else "head", m.head_id, why)
         with self.lock:
             self.members.pop(m.head_id, None)
             self.counters.heads_lost += 1
@@ -110,8 +124,25 @@ class Membership:
                     ray.kill(m.handle)
                 except RayError:
                     pass
-                if replace and sum(x.spawned for x in self.members.values()) < self.cfg.lte.heads:
-                    self.spawn()  # the replacement joins when it is up (maybe once the cluster grows)
+                if replace:
+                    self._replace()
+
+    def _replace(self) -> None:
+        """Back to `lte.heads` started heads (a spare takes the place, warm ones first; else a new head
+        joins when it is up, maybe once the cluster grows), then back to `ray.spare_heads` spares."""
+        if sum(m.spawned for m in self._heads()) < self.cfg.lte.heads:
+            spares = sorted((m for m in self.members.values() if m.spare), key=lambda m: m.ready is not None)
+            if spares:
+                spare = spares[0]
+                spare.spare = False
+                log.info("spare head %d takes the lost head's place%s", spare.head_id,
+                         "" if spare.ready is None else " once it is up")
+                if spare.ready is None and self.started:  # warm: it takes part from the next round
+                    self.counters.heads_joined += 1
+            else:
+                self.spawn()
+        while sum(m.spare for m in self.members.values()) < self.cfg.ray.spare_heads:
+            self.spawn(spare=True)
 
     def on_time(self, m: Member) -> None:
         m.late_streak = 0
@@ -120,11 +151,31 @@ class Membership:
         """`m` missed the round's deadline: it sits out until `ref`, its late task, ends."""
         with self.lock:
             m.busy = ref
-            m.late_streak += 1
             self.counters.late_results += 1
-            if m.late_streak >= self.cfg.ray.max_late_rounds and m.spawned:
-                self.counters.heads_replaced_late += 1
-                self.lose(m, f"late {m.late_streak} rounds in a row; replaced")
+            self._late(m)
+
+    def sitting_out(self) -> None:
+        """A round was dispatched: heads still busy with a late task miss it too."""
+        with self.lock:
+            for m in [m for m in self.members.values() if m.busy is not None]:
+                self._late(m)
+
+    def _late(self, m: Member) -> None:
+        m.late_streak += 1
+        if m.late_streak >= self.cfg.ray.max_late_rounds and m.spawned:
+            self.counters.heads_replaced_late += 1
+            self.lose(m, f"late {m.late_streak} rounds in a row; replaced")  # its late task dies with it
+
+    def on_accepted(self, m: Member) -> None:
+        m.rejected_streak = 0
+
+    def on_rejected(self, m: Member) -> None:
+        """`m`'s upload was left out of the round; so often in a row, and its slot goes to another head."""
+        with self.lock:
+            m.rejected_streak += 1
+            if m.rejected_streak >= self.cfg.ray.max_rejected_rounds and m.head_id in self.members:
+                self.counters.heads_replaced_rejected += 1
+                self.lose(m, f"rejected {m.rejected_streak} rounds in a row; {'replaced' if m.spawned else 'dropped'}")
 
     def admit(self, next_round: int) -> list[Member]:
         """At a round boundary: heads that finished starting, or finished a late task, take part.
@@ -157,7 +208,7 @@ class Membership:
                 return
             if attr == "ready":
                 m.info = value
-                if self.started:  # admitted once training had begun: it joined mid-run
+                if self.started and not m.spare:  # admitted once training had begun: it joined mid-run
                     self.counters.heads_joined += 1
                     log.info("head %d joined at round %d", m.head_id, next_round)
 
@@ -173,7 +224,7 @@ class Membership:
     def wait(self, need: int, timeout: float) -> None:
         """Block until `need` starting or busy heads are done, or `timeout` passes."""
         with self.lock:
-            pending = [r for m in self.members.values() for r in (m.ready, m.busy) if r is not None]
+            pending = [r for m in self._heads() for r in (m.ready, m.busy) if r is not None]
         deadline = time.monotonic() + timeout
         while pending and need > 0 and (left := deadline - time.monotonic()) > 0:
             done, pending = ray.wait(pending, num_returns=1, timeout=left)
@@ -184,6 +235,8 @@ class Membership:
         Heads admitted after this joined mid-run."""
         for _ in range(self.cfg.lte.heads):
             self.spawn()
+        for _ in range(self.cfg.ray.spare_heads):  # at once too: a head may be lost early (not waited for)
+            self.spawn(spare=True)
         self.wait(self.cfg.ray.min_heads, self.cfg.ray.round_timeout_s)
         self.wait(self.cfg.lte.heads, self.cfg.ray.start_grace_s)
         self.admit(first_round)
@@ -191,17 +244,18 @@ class Membership:
 
     def status(self) -> dict[str, Any]:
         with self.lock:
-            return {"active_heads": sum(m.active for m in self.members.values()), "members": sorted(self.members),
-                    "done": self.done}
+            return {"active_heads": sum(m.active for m in self.members.values()),
+                    "members": sorted(m.head_id for m in self._heads()),
+                    "spares": sum(m.spare for m in self.members.values()), "done": self.done}
 
     def infos(self) -> dict[int, dict[str, Any]]:
-        """Info (pid, device, GPU ids, node) of every head that has started."""
+        """Info (pid, device, GPU ids, node) of every head that has started (spares: not yet heads)."""
         with self.lock:
-            return {hid: m.info for hid, m in self.members.items() if m.info}
+            return {m.head_id: m.info for m in self._heads() if m.info}
 
     def handles(self) -> dict[int, Any]:
         with self.lock:
-            return {hid: m.handle for hid, m in self.members.items()}
+            return {m.head_id: m.handle for m in self._heads()}
 
     def stop(self) -> None:
         """No more joiners; the heads this coordinator started are killed."""
