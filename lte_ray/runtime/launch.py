@@ -104,7 +104,7 @@ def _check_local_gpus(cfg: Config) -> None:
         spares = f" (spares included: ray.spare_heads={cfg.ray.spare_heads})" if cfg.ray.spare_heads else ""
         raise UserError(f"ray.gpus_per_head: {heads} heads{spares} at {per_head:g} GPU{beside} do not fit on this "
                         f"machine's {have:g} GPU (Ray counts fractions per GPU; {fit} fit); lower "
-                        "ray.gpus_per_head or lte.heads")
+                        f"ray.gpus_per_head or lte.heads{' or ray.spare_heads' if spares else ''}")
 
 
 def coordinator_bundle(cfg: Config) -> int:

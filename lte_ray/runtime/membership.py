@@ -38,6 +38,9 @@ from lte_ray.runtime.worker import head_actor
 
 log = logging.getLogger("lte_ray.coordinator")
 YOUNG_ROUNDS = 5  # a new head's first accepted uploads, clipped rather than refused over the median bound
+# Replacements for rejected uploads per head of the run: beyond them, replacing has not helped (a bound
+# set too tight, a node that computes garbage), and rejected heads stay and are rejected, without churn.
+REJECTION_REPLACEMENTS_PER_HEAD = 2
 
 
 @dataclass
@@ -133,16 +136,34 @@ class Membership:
         if sum(m.spawned for m in self._heads()) < self.cfg.lte.heads:
             spares = sorted((m for m in self.members.values() if m.spare), key=lambda m: m.ready is not None)
             if spares:
-                spare = spares[0]
-                spare.spare = False
-                log.info("spare head %d takes the lost head's place%s", spare.head_id,
-                         "" if spare.ready is None else " once it is up")
-                if spare.ready is None and self.started:  # warm: it takes part from the next round
-                    self.counters.heads_joined += 1
+                self._promote(spares[0])
             else:
                 self.spawn()
         while sum(m.spare for m in self.members.values()) < self.cfg.ray.spare_heads:
             self.spawn(spare=True)
+
+    def _promote(self, spare: Member) -> None:
+        """`spare` becomes a head. A warm one is asked again whether it is alive (nothing watched it
+        while it waited): it takes part once it answers, at the next round boundary."""
+        spare.spare = False
+        if spare.ready is None:
+            spare.ready = spare.handle.info.remote()
+        log.info("spare head %d takes a head's place", spare.head_id)
+
+    def _use_warm_spares(self) -> None:
+        """A warm spare takes the place of a missing head (no replacement was started: start
+        failures ran out) or of one still starting, which goes on starting as the spare."""
+        warm = [m for m in self.members.values() if m.spare and m.ready is None]
+        starting = [m for m in self._heads() if m.spawned and m.ready is not None and m.info is None]
+        missing = self.cfg.lte.heads - sum(m.spawned for m in self._heads())
+        for spare in warm:
+            if missing > 0:
+                missing -= 1
+            elif starting:
+                starting.pop().spare = True
+            else:
+                return
+            self._promote(spare)
 
     def on_time(self, m: Member) -> None:
         m.late_streak = 0
@@ -173,7 +194,9 @@ class Membership:
         """`m`'s upload was left out of the round; so often in a row, and its slot goes to another head."""
         with self.lock:
             m.rejected_streak += 1
-            if m.rejected_streak >= self.cfg.ray.max_rejected_rounds and m.head_id in self.members:
+            budget = REJECTION_REPLACEMENTS_PER_HEAD * self.cfg.lte.heads
+            if (m.rejected_streak >= self.cfg.ray.max_rejected_rounds and m.head_id in self.members
+                    and self.counters.heads_replaced_rejected < budget):
                 self.counters.heads_replaced_rejected += 1
                 self.lose(m, f"rejected {m.rejected_streak} rounds in a row; {'replaced' if m.spawned else 'dropped'}")
 
@@ -181,6 +204,8 @@ class Membership:
         """At a round boundary: heads that finished starting, or finished a late task, take part.
         Returns the members active for round `next_round` (1-based)."""
         with self.lock:
+            if self.started:
+                self._use_warm_spares()
             for m in list(self.members.values()):
                 self._settle(m, next_round)
             return [m for m in self.members.values() if m.active]
@@ -195,9 +220,9 @@ class Membership:
                 value = ray.get(ref)
             except RayError as e:
                 cause = e.cause if isinstance(e, RayTaskError) else e
-                if attr == "busy":
-                    self.lose(m, f"{type(cause).__name__} while busy")
-                elif self.started:  # once training has begun, a head that cannot start is a lost head
+                if attr == "busy" or m.info is not None:  # it had started; it died since (busy, or as a spare)
+                    self.lose(m, f"{type(cause).__name__} while {'busy' if attr == 'busy' else 'waiting'}")
+                elif self.started or m.spare:  # once training has begun, a head that cannot start is a lost head
                     self._start_failed(m, cause)
                 elif isinstance(cause, UserError):  # before the first round: a setup error, not a fault
                     raise cause from None
@@ -219,7 +244,7 @@ class Membership:
         self.lose(m, f"could not start: {cause}", replace=retry)
         if not retry and m.spawned:
             log.warning("%d heads failed to start (ray.max_start_failures=%d); going on with %d heads",
-                        self.counters.start_failures, self.cfg.ray.max_start_failures, len(self.members))
+                        self.counters.start_failures, self.cfg.ray.max_start_failures, len(self._heads()))
 
     def wait(self, need: int, timeout: float) -> None:
         """Block until `need` starting or busy heads are done, or `timeout` passes."""
