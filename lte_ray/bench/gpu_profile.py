@@ -51,14 +51,30 @@ def kernel_profile(step: Callable[[], Any], device: torch.device, steps: int = 5
             "kernels": len(kernels) / steps, "gpu_busy_share": busy_us / 1e6 / wall}
 
 
-def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: int = 5) -> list[dict[str, Any]]:
-    """An LTE head's round parts and step profile, and a full-rank worker's step profile."""
+def full_rank_step(cfg: Config, data: DataBundle, batch: int, device: torch.device) -> tuple[Callable[[], Any], str]:
+    """One optimizer step of a full-rank AdamW worker at `batch` (as the heads: precision, checkpointing),
+    as a function, and the precision it runs at."""
     from lte_ray.batches import training_batches
-    from lte_ray.core.head import Head, train_steps
-    from lte_ray.core.master import MasterWeights
+    from lte_ray.core.head import train_steps
     from lte_ray.core.optim import make_optimizer
     from lte_ray.core.precision import resolve_precision, set_matmul_precision
     from lte_ray.models import build_model, set_activation_checkpointing
+
+    precision = resolve_precision(cfg.train.precision, device)
+    set_matmul_precision(precision, device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.spec).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    opt = make_optimizer(model.parameters(), "adamw", cfg.full_rank_lr, cfg.train.weight_decay)
+    batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda")
+    return (lambda: train_steps(model, opt, batches, range(1), lambda step: cfg.full_rank_lr, device,
+                                cfg.train.grad_clip, precision)), precision
+
+
+def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: int = 5) -> list[dict[str, Any]]:
+    """An LTE head's round parts and step profile, and a full-rank worker's step profile."""
+    from lte_ray.core.head import Head, train_steps
+    from lte_ray.core.master import MasterWeights
 
     master, head = MasterWeights(cfg, data, device), Head(cfg, 0, data, device)
     broadcast = master.broadcast(full=True)
@@ -78,13 +94,7 @@ def profile_rows(cfg: Config, data: DataBundle, device: torch.device, rounds: in
                **{k: statistics.median(v) for k, v in parts.items()},
                **kernel_profile(lambda: train_steps(head.model, head.opt, head.batches, one, head.lr_at, device,
                                                     cfg.train.grad_clip, head.precision), device)}
-    precision = resolve_precision(cfg.train.precision, device)
-    set_matmul_precision(precision, device)
-    model = build_model(cfg.model, data.spec).to(device)
-    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    opt = make_optimizer(model.parameters(), "adamw", cfg.full_rank_lr, cfg.train.weight_decay)
-    batches = training_batches(data, cfg.train.batch_size, cfg.train.seed, pin_memory=device.type == "cuda")
+    full_step, _ = full_rank_step(cfg, data, cfg.train.batch_size, device)
     full_row = {"worker": "full-rank AdamW", "rank": None, "batch": cfg.train.batch_size,
-                **kernel_profile(lambda: train_steps(model, opt, batches, one, lambda s: cfg.full_rank_lr, device,
-                                                     cfg.train.grad_clip, precision), device)}
+                **kernel_profile(full_step, device)}
     return [lte_row, full_row]

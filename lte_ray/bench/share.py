@@ -40,26 +40,14 @@ def gpu_split(heads: int) -> dict[str, float]:
 
 def full_rank_throughput(cfg: Config, data: DataBundle, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Samples/s of a full-rank AdamW worker at `batch` (median of `steps` timed steps after two untimed)."""
-    from lte_ray.batches import training_batches
-    from lte_ray.bench.gpu_profile import timed
-    from lte_ray.core.head import train_steps
-    from lte_ray.core.optim import make_optimizer
-    from lte_ray.core.precision import resolve_precision, set_matmul_precision
-    from lte_ray.models import build_model, set_activation_checkpointing
+    from lte_ray.bench.gpu_profile import full_rank_step, timed
 
-    precision = resolve_precision(cfg.train.precision, device)
-    set_matmul_precision(precision, device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, data.spec).to(device)
-    set_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as the heads and the anchor
-    opt = make_optimizer(model.parameters(), "adamw", cfg.full_rank_lr, cfg.train.weight_decay)
-    batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda")
+    step_fn, precision = full_rank_step(cfg, data, batch, device)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(steps + 2):  # the first two untimed
-        seconds = timed(lambda: train_steps(model, opt, batches, range(1), lambda step: cfg.full_rank_lr, device,
-                                            cfg.train.grad_clip, precision), device)
+        seconds = timed(step_fn, device)
         if i >= 2:
             times.append(seconds)
     step = statistics.median(times)
