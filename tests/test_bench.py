@@ -78,9 +78,13 @@ def test_unknown_bench_settings_are_one_line_errors(capsys):
 @pytest.mark.slow
 def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
     out = tmp_path / "q"
-    assert main(["bench", "quality", "--samples", "5120", "--evals", "2", "--seeds", "1", "--output", str(out)]) == 0
+    assert main(["bench", "quality", "--samples", "5120", "--evals", "2", "--seeds", "1", "--output", str(out),
+                 "--set", "train.warmup_rounds=2"]) == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["bench"] == "quality" and report["schema"] == 1 and report["skipped"] == []
+    assert report["set"] == ["train.warmup_rounds=2"]
+    config = (out / "runs" / "digits-full-seed0" / "config.yaml").read_text()
+    assert "warmup_rounds: 2" in config  # --set reaches full-rank too
     assert {"cpu", "cores", "memory_gib", "gpu", "torch"} <= set(report["machine"])
     assert [d["name"] for d in report["datasets"]] == ["digits", "mnist", "shakespeare", "kjv"]
     for ds in report["datasets"]:
@@ -99,6 +103,7 @@ def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
         assert len(set(finals.values())) == len(finals)
     md = (out / "quality.md").read_text()
     assert "| setting | seeds |" in md and "ratio to full-rank" in md
+    assert "Set for every setting, full-rank too: `train.warmup_rounds=2`." in md
     assert (out / "quality.png").stat().st_size > 10_000
 
 
@@ -167,6 +172,23 @@ def test_budget_factor_extends_every_setting_but_full_rank_on_the_same_grid():
     assert (full.full_rank_lr, lte.factor_lr) == (8e-3, 1e-3)  # the factors: the full-rank lr / s
 
 
+def test_set_reaches_full_rank_too_and_a_budget_factor_may_be_fractional():
+    from lte_ray.bench.quality import run_config
+    from lte_ray.errors import UserError
+
+    ds, by_key = DATASETS["shakespeare"], {s.key: s for s in SETTINGS}
+    sets = {"train.warmup_rounds": 20, "train.min_lr_ratio": 0.2}
+    full = run_config(ds, by_key["full"], 0, 25_600, 10, "cpu", budget_factor=1.5, sets=sets)
+    lte = run_config(ds, by_key["lte"], 0, 25_600, 10, "cpu", budget_factor=1.5, sets=sets)
+    assert (full.train.warmup_rounds, full.train.min_lr_ratio) == (lte.train.warmup_rounds, lte.train.min_lr_ratio) \
+        == (20, 0.2)
+    assert full.rounds * full.samples_per_round == 25_600 and lte.rounds * lte.samples_per_round == 38_400
+    with pytest.raises(UserError, match="--budget-factor 1.25: lte would train 100 rounds, not a whole number"):
+        run_config(ds, by_key["lte"], 0, 25_600, 10, "cpu", budget_factor=1.25)
+    # a setting's own overrides win over --set
+    assert run_config(ds, by_key["lte-t10"], 0, 25_600, 10, "cpu", sets={"lte.merge_every": 5}).lte.merge_every == 10
+
+
 def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     from lte_ray.bench import quality
     from lte_ray.errors import UserError
@@ -181,6 +203,11 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     monkeypatch.setattr("lte_ray.run.Run.train", lambda *a, **k: pytest.fail("trained again"))
     again = quality.run_one(job)
     assert again["curve"] == first["curve"] and again["final"] == first["final"]
+    # a run of an older version, before a field was added (at a default that keeps the old behaviour)
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["config"]["ray"]["spare_heads"]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert quality.run_one(job)["final"] == first["final"]
     with pytest.raises(UserError, match="holds a finished run of another config"):
         quality.run_one({**job, "budget": 10240})
 
@@ -238,6 +265,7 @@ def test_vary_crosses_items_and_zips_keys_joined_by_plus():
         with pytest.raises(UserError, match="--vary"):
             parse_vary(bad)
     assert parse_vary(["lte.rank=8,16,8"]) == [{"lte.rank": 8}, {"lte.rank": 16}]  # a point runs once
+    assert parse_vary(["lte.targets=[blocks.*],[blocks.*]"]) == [{"lte.targets": ["blocks.*"]}]  # YAML lists too
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")

@@ -19,25 +19,29 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: quality (LTE vs baselines) and system (time, bytes, memory)")
     kinds = p.add_subparsers(dest="bench", required=True)
     q = kinds.add_parser("quality", help="LTE against full-rank, LoRA, LoRA-merge, multi-head LoRA, GaLore and Fira",
-                         description="Train every setting on digits and MNIST (ViT), Shakespeare and the King James "
-                                     "Bible (char-level GPT) with the same sample budget and evaluation points, over "
-                                     "several seeds; write quality.json, quality.md and quality.png, and each run's "
-                                     "folder under runs/. With --vary, a sweep. Defaults take about 25 minutes on "
-                                     "2 CPU cores.")
+                         description="Train every setting on digits and MNIST (ViT), Shakespeare (char-level GPT) "
+                                     "and the King James Bible (BPE GPT) with the same sample budget and evaluation "
+                                     "points, over several seeds; write quality.json, quality.md and quality.png, and "
+                                     "each run's folder under runs/. With --vary, a sweep. Defaults take about 35 "
+                                     "minutes on 2 CPU cores.")
     q.add_argument("--datasets", type=_csv, help="comma-separated: digits,mnist,shakespeare,kjv,shakespeare-nano,"
-                                                 "shakespeare-gpt-s (default: the first four)")
+                                                 "kjv-nano,shakespeare-gpt-s (default: the first four)")
     q.add_argument("--methods", type=_csv, help="comma-separated setting keys: full,lora,lora-merge,mhlora,galore,"
                                                 "fira,lte (the default) and lte-8,lte-t10")
-    q.add_argument("--seeds", type=int, help="seeds per setting (default: 3 on digits, 2 on the others)")
+    q.add_argument("--seeds", type=int,
+                   help="seeds per setting (default: 3 on the four default data sets, 1 on the larger models)")
     q.add_argument("--samples", type=int, help="sample budget per run (default: the data set's, docs/benchmarks.md)")
     q.add_argument("--evals", type=int, help="evaluation points per run (default: the data set's)")
-    q.add_argument("--budget-factor", type=int, default=1,
-                   help="give every setting but full-rank this many times the budget, to measure how many "
-                        "samples it needs to reach full-rank (default: 1, the same budget)")
+    q.add_argument("--budget-factor", type=float, default=1,
+                   help="give every setting but full-rank this many times the budget (1.5 or 2, say), to measure "
+                        "how many samples it needs to reach full-rank (default: 1, the same budget)")
     q.add_argument("--vary", metavar="KEY=V1,V2", action="append", default=[],
                    help="run every chosen setting but full-rank once per value (repeatable; several cross): "
                         "e.g. --vary lte.merge_every=1,5,10; keys joined by + vary together: "
                         "--vary lte.alpha+train.lr=64+2e-3,256+5e-4")
+    q.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a config field for every setting, full-rank too (repeatable): e.g. "
+                        "--set train.warmup_rounds=20")
     q.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (default: 2)")
     q.add_argument("--device", choices=get_args(Device), default="cpu")
     q.add_argument("--output", default=None, help="folder (default: runs/bench-quality-<time>)")
@@ -129,11 +133,11 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
     for name in ("seeds", "samples", "evals", "jobs", "budget_factor"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(args, name)})")
+            raise UserError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(args, name):g})")
     output = args.output or str(default_output("bench-quality"))
     report = bench_quality(output, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
                            samples=args.samples, evals=args.evals, jobs=args.jobs, device=args.device,
-                           budget_factor=args.budget_factor, vary=args.vary)
+                           budget_factor=args.budget_factor, vary=args.vary, set_items=args.sets)
     print(markdown(report))
     print(f"written: {output}/quality.json, quality.md, quality.png", file=sys.stderr)
     bad = problems(report)

@@ -32,8 +32,9 @@ from lte_ray.bench.quality_settings import (
     varied,
 )
 from lte_ray.bench.report import machine, mean_std, run_pool, write_outputs
+from lte_ray.config import Config, parse_set, validate
 from lte_ray.data import packaged_corpus
-from lte_ray.errors import UserError
+from lte_ray.errors import ConfigError, UserError
 from lte_ray.outputs import finished_run
 from lte_ray.redact import redacted_config
 
@@ -56,22 +57,39 @@ def prepared_tokens(ds: Dataset, output: Path) -> str | None:
 
 
 def run_config(ds: Dataset, setting: Setting, seed: int, budget: int, evals: int, device: str,
-               budget_factor: int = 1, data_path: str | None = None):
+               budget_factor: float = 1, data_path: str | None = None, sets: dict[str, Any] | None = None):
     """The config of one run: the data set's sample budget (times `budget_factor` for every
-    setting but the reference) and evaluation interval (budget / evals samples)."""
+    setting but the reference) and evaluation interval (budget / evals samples). `sets`
+    (`--set`) apply to every setting, full-rank too, under the setting's own overrides."""
     from lte_ray.resolve import build_config
 
     overrides = {k: v for k, v in setting.overrides.items() if v != "half"}
     where = {"data.path": data_path} if data_path else {}
-    cfg = build_config({}, {**ds.base, **where, **overrides, "train.seed": seed, "train.device": device})
+    cfg = build_config({}, {**ds.base, **where, **(sets or {}), **overrides, "train.seed": seed,
+                            "train.device": device})
     if setting.overrides.get("train.batch_size") == "half":
         cfg = cfg.replace({"train.batch_size": max(1, cfg.train.batch_size // 2)})
     spr = cfg.samples_per_round
     if budget % evals or (budget // evals) % spr:
         raise UserError(f"--samples {budget} with --evals {evals}: every evaluation interval must be a whole number "
                         f"of rounds for every setting ({setting.key} trains {spr} samples per round)")
-    rounds = budget // spr * (1 if setting.reference else budget_factor)
-    return cfg.replace({"train.rounds": rounds, "train.eval_every": budget // evals // spr})
+    factor = 1 if setting.reference else budget_factor
+    interval = budget // evals // spr  # rounds between evaluations
+    rounds = budget // spr * factor
+    if rounds != int(rounds) or int(rounds) % interval:
+        raise UserError(f"--budget-factor {budget_factor:g}: {setting.key} would train {rounds:g} rounds, not a whole "
+                        f"number of evaluation intervals of {interval} rounds")
+    return cfg.replace({"train.rounds": int(rounds), "train.eval_every": interval})
+
+
+def same_config(stored: dict[str, Any], cfg: Config) -> bool:
+    """Whether a finished run's stored config (as `Run.finish` stores it) is `cfg`, read as today's
+    code reads it: fields added since it ran take their defaults, which keep the old behaviour."""
+    try:
+        today = validate(stored, {})
+    except ConfigError:
+        return False
+    return redacted_config(today.to_dict()) == redacted_config(cfg.to_dict())
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +99,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     ds = DATASETS[job["dataset"]]
     setting = Setting(job["setting"], job["setting"], job["overrides"], job["reference"])
     cfg = run_config(ds, setting, job["seed"], job["budget"], job["evals"], job["device"], job["budget_factor"],
-                     job.get("data_path"))
+                     job.get("data_path"), job.get("sets"))
     folder = folder_name(f"{ds.name}-{setting.key}-seed{job['seed']}")
     cfg = cfg.replace({"output": str(Path(job["output"]) / "runs" / folder)})
     keys = (ds.metric, *ds.extra_metrics)
@@ -91,7 +109,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         run.finish(run.train())
         done = finished_run(run.dir)
     summary, records = done
-    if summary["config"] != redacted_config(cfg.to_dict()):  # as Run.finish stores it
+    if not same_config(summary["config"], cfg):
         raise UserError(f"--output: {cfg.output!r} holds a finished run of another config; choose another --output")
     curve = [{"samples": r["samples_seen"], **{k: r[k] for k in keys}} for r in records if ds.metric in r]
     return {**job, "method": cfg.method, "curve": curve, "final": {k: summary[k] for k in keys},
@@ -140,8 +158,9 @@ def aggregate(ds: Dataset, runs: list[dict[str, Any]], settings: list[Setting]) 
 
 def bench_quality(output: str, datasets: list[str] | None = None, methods: list[str] | None = None,
                   seeds: int | None = None, samples: int | None = None, evals: int | None = None,
-                  jobs: int = 2, device: str = "cpu", budget_factor: int = 1,
-                  vary: list[str] | None = None) -> dict[str, Any]:
+                  jobs: int = 2, device: str = "cpu", budget_factor: float = 1,
+                  vary: list[str] | None = None, set_items: list[str] | None = None) -> dict[str, Any]:
+    common = parse_set(set_items or [])  # --set: for every setting, full-rank too
     sets, settings = datasets_for(datasets), varied(settings_for(methods), parse_vary(vary or []))
     missing = [s for s in settings if s.needs and importlib.util.find_spec(s.needs.module) is None]
     skipped = [f"{s.key} ({s.needs.pip} is not installed)" for s in missing]
@@ -152,10 +171,11 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
         budget, n_evals = samples or ds.budget, evals or ds.evals
         data_path = prepared_tokens(ds, out)
         for s in settings:
-            run_config(ds, s, 0, budget, n_evals, device, data_path=data_path)  # all valid before anything runs
+            # all valid before anything runs
+            run_config(ds, s, 0, budget, n_evals, device, budget_factor, data_path, common)
             work += [{"dataset": ds.name, "setting": s.key, "overrides": s.overrides, "reference": s.reference,
                       "data_path": data_path, "seed": seed, "budget": budget, "evals": n_evals,
-                      "device": device, "budget_factor": budget_factor, "output": output}
+                      "device": device, "budget_factor": budget_factor, "output": output, "sets": common}
                      for seed in range(seeds or ds.seeds)]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -164,7 +184,7 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
     runs = [r for r in results if "error" not in r]
     failed = [{**job, "error": r["error"]} for job, r in zip(work, results) if "error" in r]
     report = {"bench": "quality", "schema": 1, "machine": machine(), "jobs": jobs, "device": device,
-              "budget_factor": budget_factor, "vary": vary or [],
+              "budget_factor": budget_factor, "vary": vary or [], "set": set_items or [],
               "wall_seconds": time.perf_counter() - start, "skipped": skipped, "failed": failed,
               "datasets": [aggregate(ds, [r for r in runs if r["dataset"] == ds.name], settings) for ds in sets],
               "runs": runs}

@@ -14,12 +14,14 @@ def _fmt(x: float, metric: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     parts = [f"Machine: {machine_line(report['machine'])}.", ""]
+    if report.get("set"):
+        parts += ["Set for every setting, full-rank too: " + ", ".join(f"`{s}`" for s in report["set"]) + ".", ""]
     for ds in report["datasets"]:
         metric = ds["metric"]
         n_evals = sum(n <= ds["budget_samples"] for n in ds["methods"][0]["curve"]["samples"]) if ds["methods"] else 0
         factor = report.get("budget_factor", 1)
         budget = f"Budget {ds['budget_samples']:,} samples per run" + (
-            f" ({factor}x that for every setting but full-rank)" if factor > 1 else "")
+            f" ({factor:g}x that for every setting but full-rank)" if factor > 1 else "")
         parts.append(f"**{ds['name']}**: {ds['about']}. {budget}, evaluated every "
                      f"{ds['budget_samples'] // max(1, n_evals):,} samples. Target: full-rank's final {metric}"
                      + (f" = {_fmt(ds['target'], metric)}" if ds["target"] is not None else " (full-rank not run)")

