@@ -82,6 +82,9 @@ class LTEConfig(_Section):
     mode: Literal["resetless", "reset"] = "resetless"
     targets: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch patterns on nn.Linear names
     replicas: Literal["frozen", "average"] = "average"  # non-LoRA parameters
+    # With train.weight_decay > 0: each merge also decays W as full-rank AdamW would over the round's
+    # T steps (heads train only factors and replicas, so no head's optimizer can decay W).
+    decay_main: bool = True
     quant: Quant = "nf4"
     # Heads keep the broadcast's int8/nf4 main weights packed and dequantize them layer by layer
     # in forward and backward: less memory per head, a little more compute; the same values up to

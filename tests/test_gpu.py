@@ -79,7 +79,7 @@ def test_a_head_keeping_packed_weights_trains_on_cuda_as_the_dense_head(tiny_cfg
                 assert float((a - b).norm() / a.norm().clamp_min(1e-12)) < 1e-4, (round_idx, name, factor)
         accepted, rejected, _ = master.accept([results[False]])
         assert not rejected
-        master.merge(accepted)
+        master.merge(accepted, round_idx)
 
 
 def _name() -> str:

@@ -64,7 +64,7 @@ def test_the_master_keeps_the_accepted_heads_norms_for_the_next_rounds(tiny_cfg)
     for r in range(robust.RECENT_ROUNDS + 1):
         payload = master.broadcast(full=r == 0)
         master.merge(master.accept([h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads])
-                     .accepted)
+                     .accepted, r)
     kept = master.recent_norms["delta"]
     assert len(kept) == robust.RECENT_ROUNDS and all(len(x) == 3 and min(x) > 0 for x in kept)
 
@@ -125,7 +125,7 @@ def test_a_poisoned_head_among_honest_ones(tiny_cfg, outliers):
         payload = master.broadcast(full=r == 0)
         results = [h.train_round(r, payload, master.store.base_round(h.head_id)) for h in heads]
         accepted, rejected, _ = master.accept(results)
-        master.merge(accepted)
+        master.merge(accepted, r)
     if outliers == "reject":
         assert list(rejected) == [3] and len(accepted) == 3
         assert master.store.base_round(3) is None  # it sends everything next time

@@ -43,7 +43,7 @@ def test_head_starts_every_round_at_the_merged_model(tiny_cfg, q, keep, replicas
         assert (_outputs(heads[0].model, x) - expected).abs().max().item() > 1e-4
         accepted, rejected, _ = master.accept(results)
         assert not rejected and (r == 0 or all(x.upload.relative for x in results))  # rank r from round 2
-        master.merge(accepted)
+        master.merge(accepted, r)
 
 
 def test_merging_zero_deltas_leaves_weights_unchanged(tiny_cfg):
@@ -77,7 +77,7 @@ def test_reset_mode_reinitializes_factors_each_round(tiny_cfg):
     master = MasterWeights(cfg, data)
     head = Head(cfg, 0, data, "cpu")
     res = head.train_round(0, master.broadcast(full=True))
-    master.merge(master.accept([res]).accepted)
+    master.merge(master.accept([res]).accepted, 0)
     head.receive(master.broadcast())
     for layer in lte_layers(head.model).values():
         assert torch.count_nonzero(layer.lora_B) == 0
@@ -93,3 +93,34 @@ def test_first_round_payload_reuses_the_rounds_quantized_weights(tiny_cfg):
     restored = quant.unpack(full)
     assert set(restored) == set(master.state)
     assert all(torch.equal(restored[k], master.state[k]) for k in master.state if k not in master.quant_keys)
+
+
+def test_merge_decay_is_what_adamw_does_to_an_untouched_weight(tiny_cfg):
+    """`lte.decay_main`: the merge multiplies W by what torch's AdamW does over the round's T steps
+    to a full-rank weight whose gradient is zero (decay only), at the full-rank rate and schedule."""
+    from lte_ray.core.optim import decoupled_decay, lr_schedule, make_optimizer, set_lr
+
+    cfg = tiny_cfg(**{"train.weight_decay": 0.1, "train.rounds": 6, "train.warmup_rounds": 2,
+                      "lte.merge_every": 3, "train.full_lr": 0.05})
+    w = torch.nn.Parameter(torch.randn(5, 5))
+    start = w.detach().clone()
+    opt = make_optimizer([w], "adamw", cfg.full_rank_lr, cfg.train.weight_decay)
+    lr_at = lr_schedule(cfg, cfg.full_rank_lr)
+    expected = start.clone()
+    for r in range(cfg.rounds):
+        for step in range(r * 3, r * 3 + 3):
+            set_lr(opt, lr_at(step))
+            w.grad = torch.zeros_like(w)
+            opt.step()
+        expected = expected * decoupled_decay(cfg, r)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=0)
+    assert (w.detach().norm() / start.norm()).item() < 0.99  # it did decay
+
+    data = load_data(cfg.data, cfg.model)
+    for decay_main, kept in ((True, decoupled_decay(cfg, 4)), (False, 1.0)):
+        master = MasterWeights(cfg.replace({"lte.decay_main": decay_main}), data)
+        before = dict(master.state)
+        master.merge([], 4)  # no head reported: only the decay
+        for k, v in before.items():
+            factor = kept if k in master.quant_keys else 1.0  # replicas: their heads' AdamW decays them
+            torch.testing.assert_close(master.state[k], v * factor, rtol=0, atol=0)

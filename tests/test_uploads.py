@@ -30,7 +30,7 @@ def _round(master, heads, r, bases=None):
     assert all(master.problem(x) is None for x in results), [master.problem(x) for x in results]
     accepted, rejected, _ = master.accept(results)
     assert not rejected
-    master.merge(accepted)
+    master.merge(accepted, r)
     return results
 
 
@@ -88,7 +88,7 @@ def test_a_head_back_from_a_missed_round_sends_everything_once(tiny_cfg):
     payload = master.broadcast()
     results = [h.train_round(1, payload, master.store.base_round(h.head_id)) for h in heads]
     accepted = master.accept(results[:1]).accepted
-    master.merge(accepted)
+    master.merge(accepted, 1)
     assert master.store.base_round(1) == 0
     again = _round(master, heads, 2)
     assert again[1].upload.base_round is None and again[1].upload.b_prev  # full, fp32

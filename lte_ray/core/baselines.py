@@ -20,10 +20,10 @@ from torch import nn
 
 from lte_ray.batches import training_batches
 from lte_ray.config import Config
-from lte_ray.core.head import lr_schedule, train_steps
+from lte_ray.core.head import train_steps
 from lte_ray.core.history import History, RoundCallback
 from lte_ray.core.lora import main_weight_keys
-from lte_ray.core.optim import make_optimizer
+from lte_ray.core.optim import lr_schedule, make_optimizer
 from lte_ray.core.precision import resolve_precision, set_matmul_precision
 from lte_ray.core.protocol import RunResult
 from lte_ray.core.task import evaluate, resolve_device

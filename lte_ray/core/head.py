@@ -16,7 +16,7 @@ from torch import nn
 from lte_ray.batches import Batch, training_batches
 from lte_ray.config import Config
 from lte_ray.core import lora, quant, upload
-from lte_ray.core.optim import lr_factor, make_optimizer, set_lr
+from lte_ray.core.optim import lr_schedule, make_optimizer, set_lr
 from lte_ray.core.precision import autocast, resolve_precision, set_matmul_precision
 from lte_ray.core.protocol import Broadcast, FactorUpload, HeadResult
 from lte_ray.core.task import loss_fn, resolve_device
@@ -28,12 +28,6 @@ from lte_ray.models import build_model, set_activation_checkpointing
 def head_seed(seed: int, head_id: int) -> int:
     """Seed of head `head_id`'s factor init and batches (distinct, reproducible)."""
     return seed * 1_000_003 + 7919 * (head_id + 1)
-
-
-def lr_schedule(cfg: Config, lr: float) -> Callable[[int], float]:
-    t = cfg.train
-    warmup = t.warmup_rounds * cfg.lte.merge_every
-    return lambda step: lr * lr_factor(step, cfg.total_steps, warmup, t.schedule, t.min_lr_ratio)
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator[Batch], steps: range,

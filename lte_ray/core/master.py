@@ -18,6 +18,7 @@ import torch
 
 from lte_ray.config import Config
 from lte_ray.core import lora, merge, quant, robust
+from lte_ray.core.optim import decoupled_decay
 from lte_ray.core.protocol import Broadcast, Factors, HeadResult
 from lte_ray.core.task import evaluate
 from lte_ray.core.upload import FactorStore, Pair, problem
@@ -120,8 +121,14 @@ class MasterWeights:
                         {decoded[i].result.head_id: why for i, why in verdict.rejected.items()},
                         {decoded[i].result.head_id for i in verdict.non_finite})
 
-    def merge(self, accepted: list[Decoded]) -> None:
-        self.state = merge.merge_round(self.state, [d.deltas for d in accepted], [d.result.replicas for d in accepted])
+    def merge(self, accepted: list[Decoded], round_idx: int) -> None:
+        """Round `round_idx`'s merge: the main weights decayed (`lte.decay_main`), then the heads'
+        mean delta added; replicas averaged (the heads' own AdamW decayed them)."""
+        state = self.state
+        if self.cfg.train.weight_decay and self.cfg.lte.decay_main:
+            keep = decoupled_decay(self.cfg, round_idx)
+            state = {k: v * keep if k in self.quant_keys else v for k, v in state.items()}
+        self.state = merge.merge_round(state, [d.deltas for d in accepted], [d.result.replicas for d in accepted])
 
     def evaluate(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """The held-out metrics of `state` (default: the current weights). Not thread-safe: one

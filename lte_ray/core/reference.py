@@ -33,7 +33,7 @@ def run_heads(cfg: Config, data: DataBundle, on_round: RoundCallback | None = No
         accepted, rejected, _ = master.accept(results)
         if not accepted:
             raise RuntimeError(f"round {r + 1}: every head's delta is over ray.max_delta_ratio: {rejected}")
-        master.merge(accepted)
+        master.merge(accepted, r)
         t_merge = time.perf_counter() - t1
         evals = master.evaluate() if history.eval_due(r) else None
         t_eval = time.perf_counter() - t1 - t_merge

@@ -240,7 +240,7 @@ class Coordinator:
             log.warning("round %d: %d valid results < ray.min_heads=%d; not merged, retrying",
                         r + 1, len(accepted), cfg.ray.min_heads)
             return False
-        self.master.merge(accepted)
+        self.master.merge(accepted, r)
         t_merge = time.perf_counter() - t1
         self.round = r + 1
         merged = [d.result for d in accepted]
