@@ -103,7 +103,7 @@ def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
         assert len(set(finals.values())) == len(finals)
     md = (out / "quality.md").read_text()
     assert "| setting | seeds |" in md and "ratio to full-rank" in md
-    assert "Set for every setting, full-rank too: `train.warmup_rounds=2`." in md
+    assert "Set for every setting, full-rank too (over the data sets' own values below): `train.warmup_rounds=2`." in md
     assert (out / "quality.png").stat().st_size > 10_000
 
 
@@ -208,8 +208,25 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     del summary["config"]["ray"]["spare_heads"]
     (folder / "summary.json").write_text(json.dumps(summary))
     assert quality.run_one(job)["final"] == first["final"]
+    # an output folder copied elsewhere: its runs still read back
+    import shutil
+    shutil.copytree(tmp_path / "runs", tmp_path / "copy" / "runs")
+    assert quality.run_one({**job, "output": str(tmp_path / "copy")})["final"] == first["final"]
     with pytest.raises(UserError, match="holds a finished run of another config"):
         quality.run_one({**job, "budget": 10240})
+
+
+def test_a_copied_bench_folder_reads_its_prepared_tokens_at_their_new_place():
+    """A run's data path inside its bench folder (the prepared BPE tokens) moves with the folder;
+    a data path outside it is the run's config and must match as it is."""
+    from lte_ray.bench.quality import _moved
+
+    stored = {"output": "/old/bench/runs/kjv-full-seed0",
+              "data": {"name": "tokens", "path": "/old/bench/data/kjv-bpe512"}}
+    moved = _moved(stored, "/new/b/runs/kjv-full-seed0")
+    assert moved["data"]["path"] == "/new/b/data/kjv-bpe512" and moved["output"] == "/new/b/runs/kjv-full-seed0"
+    outside = {**stored, "data": {"name": "tokens", "path": "/corpora/kjv"}}
+    assert _moved(outside, "/new/b/runs/kjv-full-seed0")["data"]["path"] == "/corpora/kjv"
 
 
 def test_bench_system_workers_per_precision_and_checkpointing_and_folder_loading(tmp_path, capsys):

@@ -84,12 +84,24 @@ def run_config(ds: Dataset, setting: Setting, seed: int, budget: int, evals: int
 
 def same_config(stored: dict[str, Any], cfg: Config) -> bool:
     """Whether a finished run's stored config (as `Run.finish` stores it) is `cfg`, read as today's
-    code reads it: fields added since it ran take their defaults, which keep the old behaviour."""
+    code reads it: fields added since it ran take their defaults, which keep the old behaviour.
+    Where it was written does not count: an output folder copied or moved still reads back."""
     try:
-        today = validate(stored, {})
+        today = validate(_moved(stored, cfg.output), {})
     except ConfigError:
         return False
     return redacted_config(today.to_dict()) == redacted_config(cfg.to_dict())
+
+
+def _moved(stored: dict[str, Any], output: str) -> dict[str, Any]:
+    """A stored run config as if its bench output folder (two levels above the run's) were the one
+    of `output`: the run's folder, and a data path inside the bench folder (prepared tokens)."""
+    data, path = dict(stored.get("data") or {}), (stored.get("data") or {}).get("path")
+    if stored.get("output") and isinstance(path, str):
+        old_root, new_root = Path(stored["output"]).parent.parent, Path(output).parent.parent
+        if Path(path).is_relative_to(old_root):
+            data["path"] = str(new_root / Path(path).relative_to(old_root))
+    return {**stored, "data": data, "output": output}
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ def _fmt(x: float, metric: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     parts = [f"Machine: {machine_line(report['machine'])}.", ""]
     if report.get("set"):
-        parts += ["Set for every setting, full-rank too: " + ", ".join(f"`{s}`" for s in report["set"]) + ".", ""]
+        sets = ", ".join(f"`{s}`" for s in report["set"])
+        parts += [f"Set for every setting, full-rank too (over the data sets' own values below): {sets}.", ""]
     for ds in report["datasets"]:
         metric = ds["metric"]
         n_evals = sum(n <= ds["budget_samples"] for n in ds["methods"][0]["curve"]["samples"]) if ds["methods"] else 0
