@@ -3,6 +3,7 @@ to the round's median head, for deltas and replica changes, reject or clip; a he
 went NaN takes part again once the coordinator asks it to restart fresh."""
 
 import math
+from collections import deque
 
 import pytest
 import torch
@@ -54,6 +55,25 @@ def test_with_two_heads_the_recent_rounds_give_the_median():
     recent = {"delta": [45.0, 48.0, 52.0, 55.0]}  # heads accepted in the last rounds
     verdict = robust.screen(weights, deltas, [{}] * 2, max_ratio=5.0, median_ratio=4.0, recent=recent)
     assert set(verdict.rejected) == {1} and verdict.totals["delta"][1] == pytest.approx(400.0)
+
+
+def test_a_one_head_baseline_is_not_judged_by_its_own_past_rounds(tiny_cfg):
+    """The median bound compares heads. A one-head baseline (lora-merge resets its optimizer at
+    every merge) would be judged by its own recent rounds, and rejecting its only head ends the run."""
+    from lte_ray.core.methods import LORA_MERGE, LTE
+
+    base = tiny_cfg(**{"lte.quant": "none"})
+    for method, rejected in ((LTE, True), (LORA_MERGE, False)):
+        cfg = method.lte_config(base.replace({"lte.heads": 1}) if method is LTE else base)
+        data = load_data(cfg.data, cfg.model)
+        master, head = MasterWeights(cfg, data), Head(cfg, 0, data, "cpu")
+        result = head.train_round(0, master.broadcast(full=True), None)
+        # the recent rounds' norms far below this one's: a head 1e6x over its own past
+        master.recent_norms = {kind: deque([[1e-9] * 3], maxlen=robust.RECENT_ROUNDS)
+                               for kind in ("delta", "replica change")}
+        verdict = master.accept([result])
+        assert bool(verdict.rejected) is rejected, (method.name, verdict.rejected)
+    assert LORA_MERGE.lte_config(base).ray.max_median_ratio is None and base.ray.max_median_ratio == 8.0
 
 
 def test_the_master_keeps_the_accepted_heads_norms_for_the_next_rounds(tiny_cfg):

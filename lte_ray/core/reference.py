@@ -32,7 +32,7 @@ def run_heads(cfg: Config, data: DataBundle, on_round: RoundCallback | None = No
         t1 = time.perf_counter()
         accepted, rejected, _ = master.accept(results)
         if not accepted:
-            raise RuntimeError(f"round {r + 1}: every head's delta is over ray.max_delta_ratio: {rejected}")
+            raise RuntimeError(f"round {r + 1}: every head's update was rejected: {rejected}")
         master.merge(accepted, r)
         t_merge = time.perf_counter() - t1
         evals = master.evaluate() if history.eval_due(r) else None
