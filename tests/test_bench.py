@@ -78,24 +78,24 @@ def test_unknown_bench_settings_are_one_line_errors(capsys):
 @pytest.mark.slow
 def test_bench_quality_tiny_writes_every_method_with_finite_metrics(tmp_path):
     out = tmp_path / "q"
-    assert main(["bench", "quality", "--samples", "5120", "--evals", "2", "--seeds", "1", "--output", str(out),
+    assert main(["bench", "quality", "--samples", "2560", "--evals", "2", "--seeds", "1", "--output", str(out),
                  "--set", "train.warmup_rounds=2"]) == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["bench"] == "quality" and report["schema"] == 1 and report["skipped"] == []
     assert report["set"] == ["train.warmup_rounds=2"]
     config = (out / "runs" / "digits-full-seed0" / "config.yaml").read_text()
     assert "warmup_rounds: 2" in config  # --set reaches full-rank too
-    assert {"cpu", "cores", "memory_gib", "gpu", "torch"} <= set(report["machine"])
+    assert {"cpu", "cores", "memory_gib", "gpu", "torch", "timm", "scikit-learn"} <= set(report["machine"])
     assert [d["name"] for d in report["datasets"]] == ["digits", "mnist", "shakespeare", "kjv"]
     for ds in report["datasets"]:
         # The defaults: every baseline (Fira among them) and LTE with the default recipe.
         assert [m["key"] for m in ds["methods"]] == ["full", "lora", "lora-merge", "mhlora", "galore", "fira", "lte"]
-        assert math.isfinite(ds["target"]) and ds["budget_samples"] == 5120
+        assert math.isfinite(ds["target"]) and ds["budget_samples"] == 2560
         for m in ds["methods"]:
-            assert m["curve"]["samples"] == [2560, 5120]
+            assert m["curve"]["samples"] == [1280, 2560]
             assert {"mean", "std", "values"} <= set(m["final"][ds["metric"]])
             assert finite(m["final"]) and finite(m["curve"]), (ds["name"], m["key"])
-            assert m["samples_to_target"] is None or m["samples_to_target"] in (2560, 5120)
+            assert m["samples_to_target"] is None or m["samples_to_target"] in (1280, 2560)
         methods = {m["key"]: m["method"] for m in ds["methods"]}
         assert methods["galore"] == "galore" and methods["lora-merge"] == "lora-merge" and methods["fira"] == "fira"
         # every setting is a different run (its final loss, continuous even where accuracies can tie)

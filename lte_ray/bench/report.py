@@ -33,12 +33,28 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "memory_gib": round(mem_gib, 1), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+            "torch": torch.__version__, "platform": platform.platform(), **_packages()}
+
+
+def _packages() -> dict[str, str]:
+    """Versions of the packages that change results besides torch: timm builds the image models
+    (their initialisation), scikit-learn ships digits."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("timm", "scikit-learn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def machine_line(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB{gpu}; torch {m['torch']}, Python {m['python']}"
+    packages = "".join(f", {name} {m[name]}" for name in ("timm", "scikit-learn") if m.get(name))
+    return (f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB{gpu}; torch {m['torch']}{packages}, "
+            f"Python {m['python']}")
 
 
 def _init_worker(threads: int) -> None:
