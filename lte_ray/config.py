@@ -85,7 +85,9 @@ class LTEConfig(_Section):
     # With train.weight_decay > 0: each merge also decays W as full-rank AdamW would over the round's
     # T steps (heads train only factors and replicas, so no head's optimizer can decay W).
     decay_main: bool = True
-    quant: Quant = "nf4"
+    # int8: over 3 seeds, NF4's noise cost LTE 0.03-0.05 nats on text and kept the KJV from full-rank's
+    # loss at 2x the samples (docs/benchmarks.md); nf4 halves the main weights' bytes down for that.
+    quant: Quant = "int8"
     # Heads keep the broadcast's int8/nf4 main weights packed and dequantize them layer by layer
     # in forward and backward: less memory per head, a little more compute; the same values up to
     # float rounding.

@@ -36,10 +36,12 @@ def test_a_head_starts_ready_for_its_first_round():
     import subprocess
     import sys
 
-    code = ("import sys; from lte_ray.resolve import build_config; from lte_ray.core.head import Head; "
-            "Head(build_config(), 0, device='cpu'); print('sklearn' in sys.modules, 'bitsandbytes' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out == "False True\n"
+    for quant, bitsandbytes in (("nf4", True), ("int8", False)):  # int8 is lte-ray's own: no bitsandbytes
+        code = ("import sys; from lte_ray.resolve import build_config; from lte_ray.core.head import Head; "
+                f"Head(build_config({{}}, {{'lte.quant': '{quant}'}}), 0, device='cpu'); "
+                "print('sklearn' in sys.modules, 'bitsandbytes' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out == f"False {bitsandbytes}\n", quant
 
 
 def test_npz_nhwc_uint8_with_test_split(tmp_path):

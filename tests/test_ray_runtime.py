@@ -225,9 +225,9 @@ def test_default_train_on_ray_reaches_90_percent_and_logs_to_mlflow(ray_cluster,
     assert main(["train", "--quiet", "--output", str(out), "--set", "ray.cpus_per_head=0.5",
                  "--set", "ray.start_grace_s=600"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    print(f"\nRay, nf4: accuracy {summary['eval_accuracy']:.4f} in {summary['wall_seconds']:.0f}s; "
+    print(f"\nRay, int8: accuracy {summary['eval_accuracy']:.4f} in {summary['wall_seconds']:.0f}s; "
           f"down {summary['bytes_down']:,} B, up {summary['bytes_up']:,} B")
-    assert summary["eval_accuracy"] >= 0.90 and summary["config"]["lte"]["quant"] == "nf4"
+    assert summary["eval_accuracy"] >= 0.90 and summary["config"]["lte"]["quant"] == "int8"
     for key in ("bytes_up", "bytes_down", "heads_joined", "heads_lost"):
         assert key in summary
 
@@ -235,7 +235,7 @@ def test_default_train_on_ray_reaches_90_percent_and_logs_to_mlflow(ray_cluster,
     runs = mlflow.search_runs(experiment_names=["lte-ray"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.params["lte.heads"] == "4" and run.data.params["lte.quant"] == "nf4"
+    assert run.data.params["lte.heads"] == "4" and run.data.params["lte.quant"] == "int8"
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(1, 121))
