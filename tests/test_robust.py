@@ -58,8 +58,8 @@ def test_with_two_heads_the_recent_rounds_give_the_median():
 
 
 def test_a_one_head_baseline_is_not_judged_by_its_own_past_rounds(tiny_cfg):
-    """The median bound compares heads. A one-head baseline (lora-merge resets its optimizer at
-    every merge) would be judged by its own recent rounds, and rejecting its only head ends the run."""
+    """The median bound compares heads. A one-head baseline would be judged by its own recent
+    rounds alone, and rejecting its only head ends the run."""
     from lte_ray.core.methods import LORA_MERGE, LTE
 
     base = tiny_cfg(**{"lte.quant": "none"})

@@ -92,8 +92,8 @@ class HeadsMethod(Method):
             # Without resets the merges leave the function unchanged: with exact weights, plain LoRA.
             "lte.quant": cfg.lte.quant if self.reset else "none",
             # The median bound compares heads; with one head it would judge the head by its own last
-            # rounds, and a reset head's fresh optimizer legitimately jumps (lora-merge on digits sent
-            # 11.5x its recent median once, which ended the run).
+            # rounds alone (an honest lora-merge head on digits once changed its replicas 11.5x as much
+            # as in its recent rounds, and the rejection ended the run).
             "ray.max_median_ratio": None,
             **rounds_override(cfg.rounds),
         })
