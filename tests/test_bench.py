@@ -214,6 +214,19 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     assert quality.run_one({**job, "output": str(tmp_path / "copy")})["final"] == first["final"]
     with pytest.raises(UserError, match="holds a finished run of another config"):
         quality.run_one({**job, "budget": 10240})
+    # a --budget-factor run in the same folder: full-rank (not extended) reads back
+    assert quality.run_one({**job, "budget_factor": 2})["final"] == first["final"]
+
+
+def test_a_budget_factor_run_has_its_own_folders_and_report_beside_the_1x_ones():
+    from lte_ray.bench.quality import report_name, run_folder
+    from lte_ray.bench.quality_settings import Setting
+
+    lte, full = Setting("lte", "LTE", {}, False), Setting("full", "full-rank", {"method": "full"}, True)
+    assert run_folder("kjv", lte, 1, 1) == "kjv-lte-seed1" and run_folder("kjv", lte, 1, 2) == "kjv-lte-x2-seed1"
+    assert run_folder("kjv", lte, 0, 1.5) == "kjv-lte-x1.5-seed0"
+    assert run_folder("kjv", full, 0, 2) == run_folder("kjv", full, 0, 1) == "kjv-full-seed0"
+    assert (report_name(1), report_name(2), report_name(1.5)) == ("quality", "quality_x2", "quality_x1.5")
 
 
 def test_a_copied_bench_folder_reads_its_prepared_tokens_at_their_new_place():
@@ -324,3 +337,45 @@ def test_the_gpu_quality_data_set_is_nanogpt_shakespeare_char_size_on_the_bench_
         assert (cfg.model.width, cfg.model.depth, cfg.model.attn_heads, cfg.model.context) == (384, 6, 6, 256)
         assert cfg.rounds * cfg.samples_per_round == ds.budget * (1 if setting.reference else 2)
         assert cfg.full_rank_lr == 1e-3
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker processes from /proc (Linux)")
+def test_bench_workers_stop_when_the_bench_process_is_killed():
+    """A killed bench leaves no worker training on into its run folders."""
+    import subprocess
+    import sys
+    import time
+
+    def workers(parent: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[1]) == parent and b"spawn_main" in cmdline:
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    script = "import time; from lte_ray.bench.report import run_pool; run_pool(time.sleep, [300, 300], 2, str, 't')"
+    bench = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids := workers(bench.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(pids) == 2, "the bench's workers did not start"
+        time.sleep(3)  # past their initializer, into the jobs
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(p) for p in pids), "a worker outlived the bench"

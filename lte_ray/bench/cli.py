@@ -34,7 +34,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--evals", type=int, help="evaluation points per run (default: the data set's)")
     q.add_argument("--budget-factor", type=float, default=1,
                    help="give every setting but full-rank this many times the budget (1.5 or 2, say), to measure "
-                        "how many samples it needs to reach full-rank (default: 1, the same budget)")
+                        "how many samples it needs to reach full-rank (default: 1, the same budget); it writes "
+                        "quality_x<factor>.* and may share the 1x run's --output, whose full-rank runs it reads back")
     q.add_argument("--vary", metavar="KEY=V1,V2", action="append", default=[],
                    help="run every chosen setting but full-rank once per value (repeatable; several cross): "
                         "e.g. --vary lte.merge_every=1,5,10; keys joined by + vary together: "
@@ -128,7 +129,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from lte_ray.bench.quality import bench_quality, markdown, problems
+    from lte_ray.bench.quality import bench_quality, markdown, problems, report_name
     from lte_ray.outputs import default_output
 
     for name in ("seeds", "samples", "evals", "jobs", "budget_factor"):
@@ -139,7 +140,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                            samples=args.samples, evals=args.evals, jobs=args.jobs, device=args.device,
                            budget_factor=args.budget_factor, vary=args.vary, set_items=args.sets)
     print(markdown(report))
-    print(f"written: {output}/quality.json, quality.md, quality.png", file=sys.stderr)
+    name = report_name(args.budget_factor)
+    print(f"written: {output}/{name}.json, {name}.md, {name}.png", file=sys.stderr)
     bad = problems(report)
     if bad:
         print(f"lte-ray: bench quality: {'; '.join(bad)}", file=sys.stderr)

@@ -104,6 +104,19 @@ def _moved(stored: dict[str, Any], output: str) -> dict[str, Any]:
     return {**stored, "data": data, "output": output}
 
 
+def run_folder(dataset: str, setting: Setting, seed: int, budget_factor: float) -> str:
+    """A run's folder under `<output>/runs/`: the budget factor is in the name of every setting it
+    extends, so a `--budget-factor` run shares the 1x run's output folder and reads its full-rank
+    runs back."""
+    extended = not setting.reference and budget_factor != 1
+    return folder_name(f"{dataset}-{setting.key}{f'-x{budget_factor:g}' if extended else ''}-seed{seed}")
+
+
+def report_name(budget_factor: float) -> str:
+    """quality.json/.md/.png at 1x, quality_x2.* with `--budget-factor 2`: both fit one folder."""
+    return "quality" if budget_factor == 1 else f"quality_x{budget_factor:g}"
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One seed of one setting on one data set (runs in a worker process), in its own run folder."""
     from lte_ray.run import Run
@@ -112,7 +125,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     setting = Setting(job["setting"], job["setting"], job["overrides"], job["reference"])
     cfg = run_config(ds, setting, job["seed"], job["budget"], job["evals"], job["device"], job["budget_factor"],
                      job.get("data_path"), job.get("sets"))
-    folder = folder_name(f"{ds.name}-{setting.key}-seed{job['seed']}")
+    folder = run_folder(ds.name, setting, job["seed"], job["budget_factor"])
     cfg = cfg.replace({"output": str(Path(job["output"]) / "runs" / folder)})
     keys = (ds.metric, *ds.extra_metrics)
     done = finished_run(Path(cfg.output))
@@ -200,8 +213,9 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
               "wall_seconds": time.perf_counter() - start, "skipped": skipped, "failed": failed,
               "datasets": [aggregate(ds, [r for r in runs if r["dataset"] == ds.name], settings) for ds in sets],
               "runs": runs}
-    write_outputs(out, "quality", report, markdown(report))
-    plot(report, out / "quality.png")
+    name = report_name(budget_factor)
+    write_outputs(out, name, report, markdown(report))
+    plot(report, out / f"{name}.png")
     return report
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -57,7 +58,22 @@ def machine_line(m: dict[str, Any]) -> str:
             f"Python {m['python']}")
 
 
-def _init_worker(threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Stop this worker when the bench process dies, however it dies (SIGTERM, SIGKILL), instead of
+    training on into run folders nobody reads: Linux's PR_SET_PDEATHSIG, as Python's process pool
+    has no way to stop its workers before 3.14 (`terminate_workers`). Elsewhere, nothing."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the bench died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
@@ -78,7 +94,7 @@ def run_pool(fn: Callable[[Any], dict[str, Any]], jobs: Sequence[Any], workers: 
                         TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console,
                         disable=not console.is_terminal)
     with progress, ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                       initargs=(threads,)) as pool:
+                                       initargs=(threads, os.getpid())) as pool:
         task = progress.add_task(title, total=len(jobs), last="")
         pending = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
         done_count = 0
