@@ -80,7 +80,9 @@ class LTEConfig(_Section):
     alpha: float | None = Field(None, gt=0)
     merge_every: int = Field(5, ge=1)  # T: local steps per round (the recipe: 5 beat 10 and 1)
     mode: Literal["resetless", "reset"] = "resetless"
-    targets: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch patterns on nn.Linear names
+    # fnmatch patterns on nn.Linear names; None, the rule: every nn.Linear but the output layer, which
+    # (with replicas "average") trains full-rank in every head and is averaged at each merge.
+    targets: list[str] | None = None
     replicas: Literal["frozen", "average"] = "average"  # non-LoRA parameters
     # With train.weight_decay > 0: each merge also decays W as full-rank AdamW would over the round's
     # T steps (heads train only factors and replicas, so no head's optimizer can decay W).
@@ -95,6 +97,11 @@ class LTEConfig(_Section):
     # Factors up: fp32 exactly, or the change since the last accepted upload in bf16 / int8 (the head
     # keeps what the coordinator decodes, so the two never drift).
     upload: Upload = "bf16"
+
+    @property
+    def output_as_replica(self) -> bool:
+        """Whether the default rule leaves the output layer out of LoRA: only when replicas train."""
+        return self.replicas == "average"
 
     @model_validator(mode="after")
     def _keep_needs_quant(self) -> "LTEConfig":

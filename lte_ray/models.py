@@ -150,6 +150,10 @@ class GPT(nn.Module):
             if name.endswith("proj.weight") or name.endswith("fc2.weight"):  # GPT-2 residual scaling
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
 
+    def get_classifier(self) -> nn.Module:
+        """The output layer, as timm's models name theirs (the default LTE targets leave it out)."""
+        return self.head
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """As timm's models: checkpoint every block when training (`torch.utils.checkpoint`)."""
         self.grad_checkpointing = enable

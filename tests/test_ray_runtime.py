@@ -79,8 +79,8 @@ def test_fractional_gpus_traffic_and_device(ray_cluster, ray_cfg, tmp_path):
 
     data = load_data(cfg.data, cfg.model)
     model = build_model(cfg.model, data.spec)
-    numbers = sum((m.in_features + m.out_features) * cfg.lora_rank
-                  for n, m in model.named_modules() if n in target_names(model, cfg.lte.targets))
+    targets = target_names(model, cfg.lte.targets, cfg.lte.output_as_replica)
+    numbers = sum((m.in_features + m.out_features) * cfg.lora_rank for n, m in model.named_modules() if n in targets)
     assert cfg.lte.upload == "bf16" and seen["records"][0].bytes_up == 4 * numbers * 2 * 4
     assert all(rec.bytes_up == 4 * numbers * 2 for rec in seen["records"][1:])
     assert result.counters.bytes_up == 4 * numbers * (8 + 2 * 2)

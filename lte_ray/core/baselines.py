@@ -40,7 +40,8 @@ def plain(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
 
 def _projected_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """The targeted weights, projected to rank `Config.lora_rank` (refreshed every `lte.merge_every`
-    steps, scale 1), and every other parameter."""
+    steps, scale 1), and every other parameter. The default targets leave the output layer out, as
+    GaLore's own recipe projects only the blocks' layers."""
     projected = set(main_weight_keys(model, cfg.lte.targets))
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n not in projected]},

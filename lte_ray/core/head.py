@@ -68,7 +68,8 @@ class Head:
 
         model = build_model(cfg.model, self.data.spec)
         lte = cfg.lte
-        lora.to_lte(model, cfg.lora_rank, cfg.lora_alpha, lte.targets, resetless=lte.mode == "resetless")
+        lora.to_lte(model, cfg.lora_rank, cfg.lora_alpha, lte.targets, resetless=lte.mode == "resetless",
+                    output_as_replica=lte.output_as_replica)
         lora.init_factors(model, self.gen)
         lora.set_trainable(model, train_replicas=lte.replicas == "average")
         set_activation_checkpointing(model, cfg.train.activation_checkpointing)

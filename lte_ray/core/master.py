@@ -23,7 +23,6 @@ from lte_ray.core.protocol import Broadcast, Factors, HeadResult
 from lte_ray.core.task import evaluate
 from lte_ray.core.upload import FactorStore, Pair, problem
 from lte_ray.datasets import DataBundle
-from lte_ray.errors import UserError
 from lte_ray.models import build_model
 
 
@@ -50,9 +49,9 @@ class MasterWeights:
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
         torch.manual_seed(cfg.train.seed)  # the initial main weights are a function of the seed
         model = build_model(cfg.model, data.spec)
-        self.quant_keys = lora.main_weight_keys(model, cfg.lte.targets)
+        self.quant_keys = lora.main_weight_keys(model, cfg.lte.targets, cfg.lte.output_as_replica)
         if not self.quant_keys:
-            raise UserError(f"lte.targets: {cfg.lte.targets} match no nn.Linear layer of the model")
+            raise lora.no_target_error(cfg.lte.targets)
         # Master copy in fp32, whatever the heads compute in. Never changed in place (a merge makes
         # new tensors), so a reference to `state` is a snapshot that evaluation and checkpointing
         # can read while the next round runs.
