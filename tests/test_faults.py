@@ -36,6 +36,8 @@ def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
         seen["poisoner"], seen["diverged"], seen["status"] = ids[0], ids[1], ray.get(coord.status.remote())
         ray.get([handles[ids[0]].corrupt_next.remote("poison", every_round=True),
                  handles[ids[1]].corrupt_next.remote("nan-factors")])
+        # On a loaded machine the driver sees round 2 rounds late (on CI the poisoner was merged after round 8).
+        seen["injected_after"] = ray.get(coord.status.remote())["round"]
         secret = (tmp_path / "join-secret").read_text().strip()
         seen["no_secret"] = ray.get(coord.join_ticket.remote("guess"))
         seen["reused_id"] = ray.get(coord.add_worker.remote(ids[2], handles[ids[2]], secret))
@@ -49,8 +51,10 @@ def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
     assert "was not issued" in seen["reused_id"]
     assert "entered once" in seen["second_run"]
     assert seen["status"]["members"] == [0, 1, 2, 3] and seen["status"]["spares"] == 1  # spare 4: not a head yet
-    print(f"\n{result.counters}")
-    after = result.history[8:]  # the faults start a few rounds after 2 (rounds are in flight when the driver sees it)
+    print(f"\n{result.counters}, faults injected after round {seen['injected_after']}")
+    # The poisoner's result for the round in flight at injection may have been uploaded clean; none after it.
+    after = [r for r in result.history if r.round > seen["injected_after"] + 1]
+    assert len(after) >= cfg.ray.max_rejected_rounds + 2, seen["injected_after"]
     assert not any(seen["poisoner"] in r.head_losses for r in after)  # never merged again
     assert seen["diverged"] in result.history[-1].head_losses  # restarted fresh, it takes part again
     # Rejected 3 rounds in a row (ray.max_rejected_rounds), the poisoner is replaced by a head that contributes:
