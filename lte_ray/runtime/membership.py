@@ -1,23 +1,21 @@
-"""Who takes part in a run's rounds: the heads the coordinator started, replacements for lost
-ones, heads still waiting for the cluster to fit them, and heads joining from other processes.
+"""Who takes part in a run's rounds: the heads the coordinator started, replacements for lost ones, heads still
+waiting for the cluster to fit them, and heads joining from other processes.
 
-Membership changes only at round boundaries (`admit`). A head whose process dies is dropped and,
-if the coordinator started it, replaced; the replacement joins when it is up (maybe once the
-cluster grows). A head still running a late task is left alone until it ends (staleness 0); one
-late `ray.max_late_rounds` rounds in a row is replaced, and the rounds it sits out still busy count
-(a 10x straggler is gone after 3 rounds, not 3 late tasks of 10 rounds each). A head whose uploads
-were rejected `ray.max_rejected_rounds` rounds in a row (a bad actor, or a head that keeps
-diverging) is replaced too: its slot goes to a head that can contribute. A head that cannot start
-once the run has begun (a node without the data, say) is a lost head: after
+Membership changes only at round boundaries (`admit`). A head whose process dies is dropped and, if the
+coordinator started it, replaced; the replacement joins when it is up (maybe once the cluster grows). A head
+still running a late task is left alone until it ends (staleness 0); one late `ray.max_late_rounds` rounds in
+a row is replaced, and the rounds it sits out still busy count (a 10x straggler is gone after 3 rounds, not 3
+late tasks of 10 rounds each). A head whose uploads were rejected `ray.max_rejected_rounds` rounds in a row (a
+bad actor, or a head that keeps diverging) is replaced too: its slot goes to a head that can contribute. A
+head that cannot start once the run has begun (a node without the data, say) is a lost head: after
 `ray.max_start_failures` such heads no more are tried, and the run goes on with those it has.
 
-Spares (`ray.spare_heads`): heads started ahead of need that build their data and model and wait.
-A lost head's place goes to a spare, warm ones first, which takes part from the next round
-boundary instead of after a process start (imports, data, model: seconds, more on a loaded node);
-a new spare is started behind it.
+Spares (`ray.spare_heads`): heads started ahead of need that build their data and model and wait. A lost
+head's place goes to a spare, warm ones first, which takes part from the next round boundary instead of after
+a process start (imports, data, model: seconds, more on a loaded node); a new spare is started behind it.
 
-Head ids are assigned here, never by a caller: a joiner asks for a ticket (`issue_ticket`) and
-can add a head only under an id it was issued, once, so nobody can replace another's head.
+Head ids are assigned here, never by a caller: a joiner asks for a ticket (`issue_ticket`) and can add a head
+only under an id it was issued, once, so nobody can replace another's head.
 """
 
 from __future__ import annotations
@@ -266,10 +264,21 @@ class Membership:
         self.wait(self.cfg.lte.heads, self.cfg.ray.start_grace_s)
         self.admit(first_round)
         self.started = True
+        if waiting := self.starting():  # on a cluster given by address nothing else says why heads are missing
+            rc = self.cfg.ray
+            log.warning("%d of %d heads not up after ray.start_grace_s=%gs (head %s): still starting, or waiting for "
+                        "room for %g CPU%s each; the run goes on without them, they join when up", len(waiting),
+                        self.cfg.lte.heads, rc.start_grace_s, ", ".join(map(str, waiting)), rc.cpus_per_head,
+                        f" and {rc.gpus_per_head:g} GPU" if rc.gpus_per_head else "")
+
+    def starting(self) -> list[int]:
+        """Ids of the heads (not spares) still starting: waiting for their process, or for room."""
+        with self.lock:
+            return sorted(m.head_id for m in self._heads() if m.ready is not None)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
-            return {"active_heads": sum(m.active for m in self.members.values()),
+            return {"active_heads": sum(m.active for m in self.members.values()), "starting": self.starting(),
                     "members": sorted(m.head_id for m in self._heads()),
                     "spares": sum(m.spare for m in self.members.values()), "done": self.done}
 
