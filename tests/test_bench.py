@@ -216,6 +216,14 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
         quality.run_one({**job, "budget": 10240})
     # a --budget-factor run in the same folder: full-rank (not extended) reads back
     assert quality.run_one({**job, "budget_factor": 2})["final"] == first["final"]
+    # A bench whose folders clash stops before it trains anything, and leaves the folder's report alone.
+    assert quality.clashes([job, {**job, "budget": 10240}]) == [str(folder)]
+    (tmp_path / "quality.md").write_text("an earlier report")
+    monkeypatch.setattr(quality, "run_pool", lambda *a, **k: pytest.fail("ran despite a clash"))
+    with pytest.raises(UserError, match="1 of its run folders holds a finished run of another config"):
+        quality.bench_quality(str(tmp_path), datasets=["digits"], methods=["full"], seeds=1, samples=5120, evals=2,
+                              set_items=["train.full_lr=0.001"])
+    assert (tmp_path / "quality.md").read_text() == "an earlier report"
 
 
 def test_a_budget_factor_run_has_its_own_folders_and_report_beside_the_1x_ones():

@@ -14,6 +14,7 @@ samples does LTE need" figure.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import time
 from pathlib import Path
@@ -117,16 +118,33 @@ def report_name(budget_factor: float) -> str:
     return "quality" if budget_factor == 1 else f"quality_x{budget_factor:g}"
 
 
-def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One seed of one setting on one data set (runs in a worker process), in its own run folder."""
-    from lte_ray.run import Run
-
+def job_config(job: dict[str, Any]) -> Config:
+    """A job's run config, its output its own run folder."""
     ds = DATASETS[job["dataset"]]
     setting = Setting(job["setting"], job["setting"], job["overrides"], job["reference"])
     cfg = run_config(ds, setting, job["seed"], job["budget"], job["evals"], job["device"], job["budget_factor"],
                      job.get("data_path"), job.get("sets"))
     folder = run_folder(ds.name, setting, job["seed"], job["budget_factor"])
-    cfg = cfg.replace({"output": str(Path(job["output"]) / "runs" / folder)})
+    return cfg.replace({"output": str(Path(job["output"]) / "runs" / folder)})
+
+
+def clashes(work: list[dict[str, Any]]) -> list[str]:
+    """The run folders of `work` that hold a finished run of another config (checked before anything
+    runs: a clash found by a job would cost the other jobs' time and replace the folder's report)."""
+    out = []
+    for cfg in map(job_config, work):
+        summary = Path(cfg.output) / "summary.json"
+        if summary.exists() and not same_config(json.loads(summary.read_text())["config"], cfg):
+            out.append(cfg.output)
+    return out
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One seed of one setting on one data set (runs in a worker process), in its own run folder."""
+    from lte_ray.run import Run
+
+    ds = DATASETS[job["dataset"]]
+    cfg = job_config(job)
     keys = (ds.metric, *ds.extra_metrics)
     done = finished_run(Path(cfg.output))
     if done is None:  # else: a finished run of an interrupted benchmark, read back
@@ -202,6 +220,10 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
                       "data_path": data_path, "seed": seed, "budget": budget, "evals": n_evals,
                       "device": device, "budget_factor": budget_factor, "output": output, "sets": common}
                      for seed in range(seeds or ds.seeds)]
+    if clash := clashes(work):
+        held = "holds a finished run" if len(clash) == 1 else "hold finished runs"
+        raise UserError(f"--output: {len(clash)} of its run folders {held} of another config (first: "
+                        f"{clash[0]!r}); choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run_pool(run_one, work, jobs, lambda j: f"{j['dataset']} {j['setting']} seed {j['seed']}",
