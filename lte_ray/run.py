@@ -22,7 +22,7 @@ from lte_ray.datasets import DataBundle
 from lte_ray.errors import UserError
 from lte_ray.outputs import RunOutput
 from lte_ray.redact import redacted_config
-from lte_ray.tracking import Tracker
+from lte_ray.tracking import Tracker, saved_run_id
 
 Sink = Callable[[RoundRecord], None]
 
@@ -42,8 +42,10 @@ class Run:
         if self.meta:
             self.recorded = self.out.truncate_after(self.meta["round"])  # later rounds will be trained again
         self.name = cfg.ray.run_name or self.out.dir.name
-        self.tracker = Tracker(cfg, self.out.dir, self.name, run_id=self.meta and self.meta.get("mlflow_run_id"),
-                               backend=self.backend) if tracking else None
+        # A checkpoint names the MLflow run unless MLflow was down when the run started; then the
+        # tracker wrote the id into the folder once it answered.
+        run_id = (self.meta.get("mlflow_run_id") or saved_run_id(self.out.dir)) if self.meta else None
+        self.tracker = Tracker(cfg, self.out.dir, self.name, run_id=run_id, backend=self.backend) if tracking else None
         self.sinks = list(sinks)
 
     @property

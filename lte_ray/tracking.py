@@ -12,6 +12,7 @@ and are written, in order, when it answers. Only a URI MLflow cannot use at all 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from lte_ray.checkpoint import write_json
 from lte_ray.config import Config
 from lte_ray.core.methods import get_method
 from lte_ray.core.protocol import RoundRecord
@@ -35,6 +37,24 @@ FLUSH_TIMEOUT_S = 30.0  # at the end, how long to wait for the queue to be writt
 # One HTTP attempt is quick, and our backoff governs (MLflow's own retries can take minutes). Set
 # for the whole process (MLflow reads them at every request); a value the user set wins.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+RUN_ID_FILE = "mlflow_run.json"
+
+
+def saved_run_id(output_dir: str | Path) -> str | None:
+    """The MLflow run id a tracker wrote into `output_dir` once MLflow answered, or None."""
+    try:
+        return json.loads((Path(output_dir) / RUN_ID_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_run_id(output_dir: Path, run_id: str) -> None:
+    try:
+        write_json(output_dir / RUN_ID_FILE, {"run_id": run_id})
+    except OSError as e:  # best-effort, like all tracking: the checkpoint may name the run anyway
+        log.warning("cannot write %s in %s (%s)", RUN_ID_FILE, output_dir, e.strerror or e)
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -90,7 +110,10 @@ class Tracker:
                                                                             artifact_location=artifacts)
             return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
-        self._writer = Writer(self.uri, connect, setup, Backlog(Path(output_dir) / "metrics.jsonl"))
+        # The id goes into the output folder as soon as MLflow answers: a run created late (MLflow was
+        # down at start) is missing from the checkpoints written before, and `--resume` reads it here.
+        self._writer = Writer(self.uri, connect, setup, Backlog(Path(output_dir) / "metrics.jsonl"),
+                              on_run=lambda rid: _save_run_id(Path(output_dir), rid))
         if run_id is None:
             # what the unset defaults resolved to, for the method as it trains
             derived = {f"recipe.{k}": str(v) for k, v in get_method(cfg.method).recipe(cfg).items()}

@@ -43,10 +43,11 @@ def _why(e: BaseException, uri: str, limit: int = 240) -> str:
 
 
 class Writer:
-    def __init__(self, uri: str, connect: Callable[[], Any], setup: Callable[[Any], str], backlog: Backlog):
+    def __init__(self, uri: str, connect: Callable[[], Any], setup: Callable[[Any], str], backlog: Backlog,
+                 on_run: Callable[[str], None] | None = None):
         """`connect()` makes the MLflow client; `setup(client)` creates or resumes the run and
-        returns its id."""
-        self.uri, self._connect, self._setup, self.backlog = uri, connect, setup, backlog
+        returns its id, which `on_run` is then given (on this thread)."""
+        self.uri, self._connect, self._setup, self.backlog, self._on_run = uri, connect, setup, backlog, on_run
         self.client: Any = None
         self.run_id: str | None = None
         self.ops: deque[Call] = deque()
@@ -171,6 +172,8 @@ class Writer:
         elif kind == "setup":
             self.run_id = result
             self.settled.set()
+            if self._on_run:
+                self._on_run(result)
         elif kind == "spill":
             self.backlog.spill_written(*arg)
         elif kind == "call":

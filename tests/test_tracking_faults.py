@@ -8,15 +8,18 @@ import socket
 import time
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from lte_ray import tracking_backlog, tracking_writer
+from lte_ray.checkpoint import save_checkpoint
 from lte_ray.core.protocol import RoundRecord
 from lte_ray.errors import UserError
 from lte_ray.outputs import RunOutput
-from lte_ray.tracking import HTTP_ENV, Tracker
+from lte_ray.run import Run
+from lte_ray.tracking import HTTP_ENV, Tracker, saved_run_id
 from lte_ray.tracking_backlog import metrics_from_json
 
 ROUNDS = 20
@@ -129,6 +132,25 @@ def test_server_down_at_start_creates_the_run_later_and_backfills(tiny_cfg, tmp_
     tracker.finish(tmp_path, None, status="FINISHED")
     assert tracker.run_id is not None
     assert_every_round_once_in_order(tracker)
+    assert saved_run_id(tmp_path) == tracker.run_id  # for a --resume: no checkpoint written before named it
+
+
+def test_a_resume_continues_the_mlflow_run_its_checkpoint_could_not_name(tiny_cfg, tmp_path):
+    """MLflow was down when the run started, so its checkpoints say mlflow_run_id null; the tracker
+    wrote the id into the folder when MLflow answered, and `--resume` continues that run."""
+    cfg = sqlite_cfg(tiny_cfg, tmp_path)
+    first = Tracker(cfg, cfg.output, "late")
+    first.log_round(record(1))
+    first.finish(cfg.output, None, status="KILLED")
+    save_checkpoint(cfg.output, {"w": torch.zeros(2)}, {"round": 1, "next_head_id": 2, "counters": {},
+                                                        "samples_seen": 64, "wall_seconds": 1.0,
+                                                        "mlflow_run_id": None, "config": {}})
+    resumed = Run(cfg, resume=True)
+    assert resumed.tracker.run_id == first.run_id
+    resumed.abort("KILLED")
+    client = MlflowClient(tracking_uri=first.uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "KILLED" and len(client.search_runs([run.info.experiment_id])) == 1  # no second run
 
 
 def test_a_long_outage_keeps_memory_bounded_and_backfills_from_metrics_jsonl(tiny_cfg, tmp_path, monkeypatch):
