@@ -22,7 +22,7 @@ from lte_ray.datasets import DataBundle
 from lte_ray.errors import UserError
 from lte_ray.outputs import RunOutput
 from lte_ray.redact import redacted_config
-from lte_ray.tracking import Tracker, saved_run_id
+from lte_ray.tracking import Tracker, default_uri, saved_run_id
 
 Sink = Callable[[RoundRecord], None]
 
@@ -44,7 +44,8 @@ class Run:
         self.name = cfg.ray.run_name or self.out.dir.name
         # A checkpoint names the MLflow run unless MLflow was down when the run started; then the
         # tracker wrote the id into the folder once it answered.
-        run_id = (self.meta.get("mlflow_run_id") or saved_run_id(self.out.dir)) if self.meta else None
+        uri = cfg.tracking.mlflow_uri or default_uri(self.out.dir)
+        run_id = (self.meta.get("mlflow_run_id") or saved_run_id(self.out.dir, uri)) if self.meta else None
         self.tracker = Tracker(cfg, self.out.dir, self.name, run_id=run_id, backend=self.backend) if tracking else None
         self.sinks = list(sinks)
 

@@ -42,19 +42,21 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT
 RUN_ID_FILE = "mlflow_run.json"
 
 
-def saved_run_id(output_dir: str | Path) -> str | None:
-    """The MLflow run id a tracker wrote into `output_dir` once MLflow answered, or None."""
+def saved_run_id(output_dir: str | Path, uri: str) -> str | None:
+    """The id of the MLflow run at `uri` that a tracker wrote into `output_dir` once MLflow
+    answered, or None (none written, or written for another store)."""
     try:
-        return json.loads((Path(output_dir) / RUN_ID_FILE).read_text())["run_id"]
+        saved = json.loads((Path(output_dir) / RUN_ID_FILE).read_text())
+        return saved["run_id"] if saved["uri"] == redact(uri) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _save_run_id(output_dir: Path, run_id: str) -> None:
+def _save_run_id(output_dir: Path, uri: str, run_id: str) -> None:
     try:
-        write_json(output_dir / RUN_ID_FILE, {"run_id": run_id})
-    except OSError as e:  # best-effort, like all tracking: the checkpoint may name the run anyway
-        log.warning("cannot write %s in %s (%s)", RUN_ID_FILE, output_dir, e.strerror or e)
+        write_json(output_dir / RUN_ID_FILE, {"run_id": run_id, "uri": redact(uri)})
+    except Exception as e:  # best-effort, like all tracking; on the writer's thread, which must not die
+        log.warning("cannot write %s in %s (%s)", RUN_ID_FILE, output_dir, e)
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -112,8 +114,10 @@ class Tracker:
 
         # The id goes into the output folder as soon as MLflow answers: a run created late (MLflow was
         # down at start) is missing from the checkpoints written before, and `--resume` reads it here.
+        if run_id is None:  # a new run: an id left by an earlier run in this folder is not its own
+            (Path(output_dir) / RUN_ID_FILE).unlink(missing_ok=True)
         self._writer = Writer(self.uri, connect, setup, Backlog(Path(output_dir) / "metrics.jsonl"),
-                              on_run=lambda rid: _save_run_id(Path(output_dir), rid))
+                              on_run=lambda rid: _save_run_id(Path(output_dir), self.uri, rid))
         if run_id is None:
             # what the unset defaults resolved to, for the method as it trains
             derived = {f"recipe.{k}": str(v) for k, v in get_method(cfg.method).recipe(cfg).items()}

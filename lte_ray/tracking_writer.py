@@ -143,6 +143,8 @@ class Writer:
                 continue
             with self._cv:
                 self._done(kind, arg, result)
+            if kind == "setup" and self._on_run:  # outside the lock: the caller's rounds never wait for it
+                self._on_run(result)
             if self._away:
                 self._away = False
                 log.warning("MLflow at %s answers again; writing the %d rounds held back",
@@ -172,8 +174,6 @@ class Writer:
         elif kind == "setup":
             self.run_id = result
             self.settled.set()
-            if self._on_run:
-                self._on_run(result)
         elif kind == "spill":
             self.backlog.spill_written(*arg)
         elif kind == "call":

@@ -220,7 +220,7 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     assert quality.clashes([job, {**job, "budget": 10240}]) == [str(folder)]
     (tmp_path / "quality.md").write_text("an earlier report")
     monkeypatch.setattr(quality, "run_pool", lambda *a, **k: pytest.fail("ran despite a clash"))
-    with pytest.raises(UserError, match="1 of its run folders holds a finished run of another config"):
+    with pytest.raises(UserError, match="1 of its run folders holds a finished run made with other settings"):
         quality.bench_quality(str(tmp_path), datasets=["digits"], methods=["full"], seeds=1, samples=5120, evals=2,
                               set_items=["train.full_lr=0.001"])
     assert (tmp_path / "quality.md").read_text() == "an earlier report"

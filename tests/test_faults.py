@@ -36,7 +36,8 @@ def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
         seen["poisoner"], seen["diverged"], seen["status"] = ids[0], ids[1], ray.get(coord.status.remote())
         ray.get([handles[ids[0]].corrupt_next.remote("poison", every_round=True),
                  handles[ids[1]].corrupt_next.remote("nan-factors")])
-        # On a loaded machine the driver sees round 2 rounds late (on CI the poisoner was merged after round 8).
+        # On a loaded machine this runs several rounds after round 2 merged (on CI the poisoner was still merged
+        # after round 8): count from the coordinator's round once the faults are in.
         seen["injected_after"] = ray.get(coord.status.remote())["round"]
         secret = (tmp_path / "join-secret").read_text().strip()
         seen["no_secret"] = ray.get(coord.join_ticket.remote("guess"))
@@ -54,7 +55,7 @@ def test_bad_actors_cannot_stop_or_poison_a_run(ray_cluster, ray_cfg, tmp_path):
     print(f"\n{result.counters}, faults injected after round {seen['injected_after']}")
     # The poisoner's result for the round in flight at injection may have been uploaded clean; none after it.
     after = [r for r in result.history if r.round > seen["injected_after"] + 1]
-    assert len(after) >= cfg.ray.max_rejected_rounds + 2, seen["injected_after"]
+    assert len(after) >= cfg.ray.max_rejected_rounds + 2, f"faults in after round {seen['injected_after']}: too late"
     assert not any(seen["poisoner"] in r.head_losses for r in after)  # never merged again
     assert seen["diverged"] in result.history[-1].head_losses  # restarted fresh, it takes part again
     # Rejected 3 rounds in a row (ray.max_rejected_rounds), the poisoner is replaced by a head that contributes:

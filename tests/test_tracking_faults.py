@@ -132,7 +132,8 @@ def test_server_down_at_start_creates_the_run_later_and_backfills(tiny_cfg, tmp_
     tracker.finish(tmp_path, None, status="FINISHED")
     assert tracker.run_id is not None
     assert_every_round_once_in_order(tracker)
-    assert saved_run_id(tmp_path) == tracker.run_id  # for a --resume: no checkpoint written before named it
+    assert saved_run_id(tmp_path, tracker.uri) == tracker.run_id  # for --resume: no checkpoint before named it
+    assert saved_run_id(tmp_path, "http://elsewhere:5000") is None  # a run in another store
 
 
 def test_a_resume_continues_the_mlflow_run_its_checkpoint_could_not_name(tiny_cfg, tmp_path):
@@ -151,6 +152,9 @@ def test_a_resume_continues_the_mlflow_run_its_checkpoint_could_not_name(tiny_cf
     client = MlflowClient(tracking_uri=first.uri)
     run = client.get_run(first.run_id)
     assert run.info.status == "KILLED" and len(client.search_runs([run.info.experiment_id])) == 1  # no second run
+    # A new run in the folder (not a resume) drops the old id at once: a later --resume cannot pick it up.
+    Tracker(cfg, cfg.output, "again").finish(cfg.output, None, status="KILLED")
+    assert saved_run_id(cfg.output, first.uri) not in (None, first.run_id)
 
 
 def test_a_long_outage_keeps_memory_bounded_and_backfills_from_metrics_jsonl(tiny_cfg, tmp_path, monkeypatch):

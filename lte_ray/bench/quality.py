@@ -222,8 +222,8 @@ def bench_quality(output: str, datasets: list[str] | None = None, methods: list[
                      for seed in range(seeds or ds.seeds)]
     if clash := clashes(work):
         held = "holds a finished run" if len(clash) == 1 else "hold finished runs"
-        raise UserError(f"--output: {len(clash)} of its run folders {held} of another config (first: "
-                        f"{clash[0]!r}); choose another --output")
+        raise UserError(f"--output: {len(clash)} of its run folders {held} made with other settings (--samples, "
+                        f"--set, --vary...; first: {clash[0]!r}); remove them or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run_pool(run_one, work, jobs, lambda j: f"{j['dataset']} {j['setting']} seed {j['seed']}",

@@ -266,10 +266,10 @@ class Membership:
         self.started = True
         if waiting := self.starting():  # on a cluster given by address nothing else says why heads are missing
             rc = self.cfg.ray
-            log.warning("%d of %d heads not up after ray.start_grace_s=%gs (head %s): still starting, or waiting for "
-                        "room for %g CPU%s each; the run goes on without them, they join when up", len(waiting),
+            log.warning("%d of %d heads not up after ray.start_grace_s=%gs (ids %s): still starting, or waiting for "
+                        "room for CPU %g%s each; the run goes on without them, they join when up", len(waiting),
                         self.cfg.lte.heads, rc.start_grace_s, ", ".join(map(str, waiting)), rc.cpus_per_head,
-                        f" and {rc.gpus_per_head:g} GPU" if rc.gpus_per_head else "")
+                        f" and GPU {rc.gpus_per_head:g}" if rc.gpus_per_head else "")
 
     def starting(self) -> list[int]:
         """Ids of the heads (not spares) still starting: waiting for their process, or for room."""
