@@ -137,8 +137,8 @@ def test_server_down_at_start_creates_the_run_later_and_backfills(tiny_cfg, tmp_
 
 
 def test_a_resume_continues_the_mlflow_run_its_checkpoint_could_not_name(tiny_cfg, tmp_path):
-    """MLflow was down when the run started, so its checkpoints say mlflow_run_id null; the tracker
-    wrote the id into the folder when MLflow answered, and `--resume` continues that run."""
+    """MLflow was down when the run started, so its checkpoints say mlflow_run_id null (written here by
+    hand); the tracker wrote the id into the folder when MLflow answered, and `--resume` continues that run."""
     cfg = sqlite_cfg(tiny_cfg, tmp_path)
     first = Tracker(cfg, cfg.output, "late")
     first.log_round(record(1))
@@ -152,7 +152,7 @@ def test_a_resume_continues_the_mlflow_run_its_checkpoint_could_not_name(tiny_cf
     client = MlflowClient(tracking_uri=first.uri)
     run = client.get_run(first.run_id)
     assert run.info.status == "KILLED" and len(client.search_runs([run.info.experiment_id])) == 1  # no second run
-    # A new run in the folder (not a resume) drops the old id at once: a later --resume cannot pick it up.
+    # A new run in the folder (not a resume) replaces the old id: a later --resume cannot pick the old one up.
     Tracker(cfg, cfg.output, "again").finish(cfg.output, None, status="KILLED")
     assert saved_run_id(cfg.output, first.uri) not in (None, first.run_id)
 
