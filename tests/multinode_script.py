@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from lte_ray.bench.chaos_faults import ensure_auth_token  # noqa: E402
 from lte_ray.resolve import build_config  # noqa: E402
 from lte_ray.runtime.launch import train  # noqa: E402
 
@@ -22,6 +23,7 @@ NAME = "multinode-test"
 # A dead raylet is noticed in about 3 s instead of 15 (Ray's default health checks: 5 x 3 s).
 FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
+ensure_auth_token()  # a fresh machine has no token yet; Cluster does not make one
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
 nodes = {"a": cluster.add_node(num_cpus=1)}
 try:

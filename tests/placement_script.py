@@ -11,9 +11,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from lte_ray.bench.chaos_faults import ensure_auth_token  # noqa: E402
 from lte_ray.resolve import build_config  # noqa: E402
 from lte_ray.runtime.launch import train  # noqa: E402
 
+ensure_auth_token()  # a fresh machine has no token yet; Cluster does not make one
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
 gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
 try:

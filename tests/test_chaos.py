@@ -4,7 +4,7 @@ schedule. The bench itself runs in tests/test_chaos_run.py."""
 import pytest
 
 from lte_ray.bench.chaos import markdown, problems
-from lte_ray.bench.chaos_faults import chaos_schedule
+from lte_ray.bench.chaos_faults import chaos_schedule, ensure_auth_token
 from lte_ray.cli import main
 
 COUNTERS = {"heads_lost": 0, "heads_joined": 0, "late_results": 0, "heads_replaced_late": 0, "heads_rejected": 0,
@@ -58,3 +58,18 @@ def test_bad_settings_are_one_line_errors(args, msg, capsys):
     assert main(["bench", "chaos", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
+
+
+def test_a_fresh_machine_gets_a_private_token_before_its_loopback_cluster_starts(tmp_path, monkeypatch):
+    """`cluster_utils.Cluster` starts raylets without making a token (`ray.init` makes one): on a
+    machine without ~/.ray/auth_token its GCS died at start and `bench chaos` with it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    ensure_auth_token()
+    first = token.read_text()
+    assert first.strip() and token.stat().st_mode & 0o777 == 0o600
+    ensure_auth_token()  # an existing token is kept: the clusters already started use it
+    assert token.read_text() == first

@@ -29,10 +29,30 @@ FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold":
 NODE_CPUS = 2  # logical CPUs per node: with 1 CPU per head, each node fits two heads
 
 
+def ensure_auth_token() -> None:
+    """With token auth on, make sure a token exists before raylets start: `ray.init` creates
+    ~/.ray/auth_token for a new local cluster, `cluster_utils.Cluster` does not, and its GCS then
+    dies at start (on a fresh machine `bench chaos` failed so). Ray's own CLI makes it, as
+    cluster/local.sh does; an existing token, in the environment or the file, is left alone."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    old_mask = os.umask(0o077)  # the token is a secret: readable by this user only
+    try:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                       check=True, stdout=subprocess.DEVNULL)
+    finally:
+        os.umask(old_mask)
+
+
 def loopback_cluster(nodes: int) -> tuple[Cluster, list[Any]]:
     """A cluster of `nodes` raylets on 127.0.0.1 (the first is the head node: driver, coordinator,
     and heads too). Returns it and its worker nodes (the ones that may be killed). Ray must have
     been imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and RAY_AUTH_MODE=token (`bench.cli`)."""
+    ensure_auth_token()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS, "_system_config": FAST_HEALTH})
     workers = [cluster.add_node(num_cpus=NODE_CPUS) for _ in range(nodes - 1)]
     return cluster, workers
