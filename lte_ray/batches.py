@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lte_ray.augment import random_shift
 from lte_ray.datasets import BatchStream, DataBundle, FolderDataset, batch_stream
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -47,15 +48,21 @@ class _FolderItems(Dataset):
 
 
 def training_batches(data: DataBundle, batch_size: int, seed: int, workers: int = 0,
-                     pin_memory: bool = False) -> Iterator[Batch]:
+                     pin_memory: bool = False, shift: int = 0) -> Iterator[Batch]:
     """Endless (x, y) batches of `data.train` drawn by a stream seeded with `seed`. Image folders
     load through a DataLoader with `workers` processes (0: in this process), in pinned memory
-    when `pin_memory` (for asynchronous copies to a GPU)."""
+    when `pin_memory` (for asynchronous copies to a GPU). `shift` > 0: each image moves by its
+    own random offset of up to that many pixels (`data.augment_shift`, images only)."""
     stream = batch_stream(data, batch_size, seed)
     if isinstance(data.train, FolderDataset):
         loader = DataLoader(_FolderItems(data.train), batch_sampler=_IndexBatches(stream), num_workers=workers,
                             pin_memory=pin_memory, persistent_workers=workers > 0,
                             # its own generator: making an iterator must not draw from torch's global RNG
                             generator=torch.Generator().manual_seed(seed))
-        return iter(loader)
-    return (data.train.batch(stream.next()) for _ in itertools.count())
+        batches: Iterator[Batch] = iter(loader)
+    else:
+        batches = (data.train.batch(stream.next()) for _ in itertools.count())
+    if not shift:
+        return batches
+    moves = torch.Generator().manual_seed(seed + 1)  # not the stream's: the batches drawn stay the same
+    return ((random_shift(x, shift, moves), y) for x, y in batches)

@@ -18,8 +18,9 @@ import copy
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from lte_ray.config_ray import RayConfig, Section
 from lte_ray.config_text import describe, load_yaml, parse_set  # noqa: F401 (load_yaml, parse_set: re-exported)
 from lte_ray.errors import ConfigError
 
@@ -43,12 +44,7 @@ def one_of(field: str, choices: list[str], got: object) -> str:
     return f"{field}: must be one of {listed} (got {got!r})"
 
 
-class _Section(BaseModel):
-    # Unknown keys are typos, not extensions: refuse them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Architecture. `None` means "the preset's value"; image size, channels, classes and vocab
     come from the data."""
 
@@ -62,7 +58,7 @@ class ModelConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict)  # further timm keyword overrides
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     name: str = "digits"  # a source of `lte_ray.data.SOURCES`
     path: str | list[str] | None = None  # npz file, image folder, or text file(s) / folder
     tokenizer: Literal["byte", "char"] = "byte"  # text only
@@ -70,9 +66,12 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     same_batches: bool = False  # every head draws the same batches (tests, identities)
+    # Images: each training image moves by its own random offset of up to this many pixels in each
+    # direction, edge pixels repeated (`lte_ray.augment`); evaluation images never move. 0: off.
+    augment_shift: int = Field(0, ge=0)
 
 
-class LTEConfig(_Section):
+class LTEConfig(Section):
     heads: int = Field(4, ge=1)
     # None: the default recipe (`Config.lora_rank`, `Config.lora_alpha`, docs/benchmarks.md):
     # rank x heads = RANK_HEADS_PER_WIDTH x model.width, and s = alpha / rank = DEFAULT_SCALING.
@@ -110,7 +109,7 @@ class LTEConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     # The LoRA factors' learning rate and the full-rank one (--method full|galore|fira): give
     # either, the other is it times or divided by s (under Adam an LTE head moves W by about
@@ -137,51 +136,12 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
 
 
-class RayConfig(_Section):
-    """How the run sits on a Ray cluster (`--backend ray`)."""
-
-    address: str | None = None  # None: RAY_ADDRESS if set, else start a local cluster on 127.0.0.1
-    namespace: str = "lte-ray"
-    run_name: str | None = None  # the coordinator's actor name (default: the output folder's name)
-    cpus_per_head: float = Field(1.0, gt=0)
-    gpus_per_head: float = Field(0.0, ge=0)  # fractional: 0.25 puts four heads on one GPU
-    coordinator_gpus: float = Field(0.0, ge=0)  # merge, quantize, evaluation; the coordinator goes where GPUs are
-    # CPUs reserved for it, and its torch threads (at least 1). 0: none reserved, so it fits on a
-    # head node that offers no CPUs (cluster/kuberay), and uses one thread.
-    coordinator_cpus: float = Field(0.0, ge=0)
-    min_heads: int = Field(1, ge=1)  # quorum: a round merges if at least this many heads reported
-    max_heads: int | None = Field(None, ge=1)  # cap on heads incl. joiners (default: twice lte.heads, `head_cap`)
-    round_timeout_s: float = Field(600.0, gt=0)  # the hard deadline: later results are discarded (staleness 0)
-    # Once min_heads results are in and half the heads arrived, wait at most this x their median
-    # arrival time (+0.5 s; a head's first round is waited for), then merge without the rest.
-    # None: wait for every head, up to round_timeout_s.
-    straggler_grace: float | None = Field(2.0, ge=1)
-    # a head late this many rounds in a row (a round it sits out, still busy with a late task, counts) is replaced
-    max_late_rounds: int = Field(3, ge=1)
-    # a head whose uploads were rejected this many rounds in a row is replaced (a joiner: dropped)
-    max_rejected_rounds: int = Field(3, ge=1)
-    max_start_failures: int = Field(3, ge=0)  # heads that fail to start mid-run before no more are tried
-    # heads started ahead of need, warm, each taking a lost head's place at the next round (each
-    # reserves a head's CPUs and GPU share)
-    spare_heads: int = Field(0, ge=0)
-    start_grace_s: float = Field(30.0, ge=0)  # at start, how long to wait for heads beyond the quorum
-    checkpoint_every: int = Field(1, ge=1)  # rounds
-    max_delta_ratio: float | None = Field(5.0, gt=0)  # bound a head's |D|_F by ratio * |W|_F
-    # ... and a head's whole delta by ratio x the median head's (this round's and the last rounds'
-    # accepted heads); a young head (new to the run) over it is clipped to the median, not refused
-    # (`core.robust`). None: off. Settled honest heads of the default digits run reached 3.6x.
-    max_median_ratio: float | None = Field(8.0, gt=1)
-    outliers: Literal["reject", "clip"] = "reject"  # a head over a bound: left out, or clipped to it
-    max_coordinator_restarts: int = Field(3, ge=0)  # the driver restarts a dead coordinator from its checkpoint
-    max_failed_rounds: int = Field(10, ge=1)  # rounds in a row without quorum before giving up
-
-
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     mlflow_uri: str | None = None  # default: sqlite:///<output>/mlflow.db
     experiment: str = "lte-ray"
 
 
-class Config(_Section):
+class Config(Section):
     method: str = "lte"  # a method of `lte_ray.core.methods.METHODS`
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -35,6 +35,8 @@ def resolve(cfg: Config) -> Config:
     m = cfg.model
     if family.attention and m.width and m.attn_heads and m.width % m.attn_heads:
         raise ConfigError(f"model.width: {m.width} is not divisible by model.attn_heads={m.attn_heads}")
+    if cfg.data.augment_shift and task != "classify":
+        raise ConfigError(f"data.augment_shift: moves images; data.name={cfg.data.name} is text")
     check_data(cfg.data)
     if method.on_ray:
         method.lte_config(cfg)  # the config its heads run is valid too (e.g. lora turns quantization off)

@@ -79,7 +79,8 @@ def full_rank(cfg: Config, data: DataBundle, optimizer: OptimizerFactory,
     model = build_model(cfg.model, data.spec).to(device)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     batch = cfg.train.batch_size * cfg.lte.heads
-    batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda")
+    batches = training_batches(data, batch, cfg.train.seed, pin_memory=device.type == "cuda",
+                               shift=cfg.data.augment_shift)
     lr = cfg.full_rank_lr
     opt = optimizer(model, cfg, lr)
     lr_at = lr_schedule(cfg, lr)

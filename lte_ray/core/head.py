@@ -63,7 +63,7 @@ class Head:
         self.data = data if data is not None else load_data(cfg.data, cfg.model)
         seed = cfg.train.seed if cfg.data.same_batches else head_seed(cfg.train.seed, head_id)
         self.batches = training_batches(self.data, cfg.train.batch_size, seed, loader_workers,
-                                        pin_memory=self.device.type == "cuda")
+                                        pin_memory=self.device.type == "cuda", shift=cfg.data.augment_shift)
         self.gen = torch.Generator().manual_seed(head_seed(cfg.train.seed, head_id))
 
         model = build_model(cfg.model, self.data.spec)
