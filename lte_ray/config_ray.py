@@ -1,5 +1,6 @@
-"""The Ray section of the config: how a run sits on a Ray cluster (`--backend ray`). Its own file
-to keep `config.py` short; `lte_ray.config` re-exports it."""
+"""The Ray section of the config: how a run sits on a Ray cluster (`--backend ray`), in a file of
+its own to keep `config.py` short, with `Section`, the base every section of `lte_ray.config`
+shares (it refuses unknown keys)."""
 
 from __future__ import annotations
 
