@@ -65,4 +65,10 @@ def training_batches(data: DataBundle, batch_size: int, seed: int, workers: int 
     if not shift:
         return batches
     moves = torch.Generator().manual_seed(seed + 1)  # not the stream's: the batches drawn stay the same
-    return ((random_shift(x, shift, moves), y) for x, y in batches)
+
+    def shifted() -> Iterator[Batch]:
+        for x, y in batches:
+            moved = random_shift(x, shift, moves)  # a new tensor: pinned again if the loader's batch was
+            yield (moved.pin_memory() if x.is_pinned() else moved), y
+
+    return shifted()
